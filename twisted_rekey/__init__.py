@@ -1,0 +1,107 @@
+"""
+twisted_rekey: rotate the traffic keys of long-lived TLS connections without
+reconnecting — TLS 1.3 KeyUpdate and TLS 1.2 renegotiation — from pyOpenSSL
+and Twisted.
+
+The pyOpenSSL layer (snake_case) is imported eagerly and is cheap; the Twisted
+layer (camelCase) is imported on first use, so that pyOpenSSL applications do
+not pay for importing Twisted.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from ._binding import Capabilities, Resolution, capabilities
+from ._connection import (
+    OP_ALLOW_CLIENT_RENEGOTIATION,
+    OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION,
+    KeyUpdateType,
+    RekeyConnection,
+    RekeyConnectionMixin,
+    RekeyMethod,
+    allow_client_renegotiation,
+    get_key_update_type,
+    handshake_complete,
+    key_update,
+    protocol_version,
+    rekey,
+    renegotiate,
+    renegotiate_abbreviated,
+    renegotiate_pending,
+    secure_renegotiation_support,
+    total_renegotiations,
+)
+from .exceptions import (
+    AlreadyInProgress,
+    ConnectionStateError,
+    FunctionUnavailable,
+    InsecureRenegotiation,
+    InvalidUpdateType,
+    KeyUpdateFlood,
+    NotAConnection,
+    OpenSSLCallError,
+    PeerRefused,
+    RekeyError,
+    RekeyTimeout,
+    RenegotiationRateLimited,
+    WrongProtocolVersion,
+)
+
+try:
+    __version__ = version("twisted_rekey")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+# Names served lazily: name -> private module that defines it.
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "OP_ALLOW_CLIENT_RENEGOTIATION",
+    "OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION",
+    "AlreadyInProgress",
+    "Capabilities",
+    "ConnectionStateError",
+    "FunctionUnavailable",
+    "InsecureRenegotiation",
+    "InvalidUpdateType",
+    "KeyUpdateFlood",
+    "KeyUpdateType",
+    "NotAConnection",
+    "OpenSSLCallError",
+    "PeerRefused",
+    "RekeyConnection",
+    "RekeyConnectionMixin",
+    "RekeyError",
+    "RekeyMethod",
+    "RekeyTimeout",
+    "RenegotiationRateLimited",
+    "Resolution",
+    "WrongProtocolVersion",
+    "__version__",
+    "allow_client_renegotiation",
+    "capabilities",
+    "get_key_update_type",
+    "handshake_complete",
+    "key_update",
+    "protocol_version",
+    "rekey",
+    "renegotiate",
+    "renegotiate_abbreviated",
+    "renegotiate_pending",
+    "secure_renegotiation_support",
+    "total_renegotiations",
+    *_LAZY,
+]

@@ -1,0 +1,491 @@
+"""
+Key update and renegotiation for any pyOpenSSL :class:`OpenSSL.SSL.Connection`.
+
+Free functions named after the OpenSSL calls they wrap (``key_update(conn)``
+for ``SSL_key_update``), in pyOpenSSL's snake_case, plus a mixin that offers
+the same as methods and a ready :class:`RekeyConnection`.  They need no
+reactor: they work over plain sockets and memory BIOs alike.
+
+Every failure is a precise :class:`~twisted_rekey.exceptions.RekeyError`,
+never cryptography's generic ``InternalError``, and leaves OpenSSL's error
+queue empty.  This module must never import Twisted.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Union
+
+from OpenSSL import SSL
+
+from . import _binding
+from ._binding import ffi, lib
+from .exceptions import (
+    AlreadyInProgress,
+    ConnectionStateError,
+    FunctionUnavailable,
+    InsecureRenegotiation,
+    InvalidUpdateType,
+    NotAConnection,
+    OpenSSLCallError,
+    PeerRefused,
+    WrongProtocolVersion,
+)
+
+__all__ = [
+    "OP_ALLOW_CLIENT_RENEGOTIATION",
+    "OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION",
+    "KeyUpdateType",
+    "RekeyConnection",
+    "RekeyConnectionMixin",
+    "RekeyMethod",
+    "allow_client_renegotiation",
+    "get_key_update_type",
+    "handshake_complete",
+    "key_update",
+    "protocol_version",
+    "rekey",
+    "renegotiate",
+    "renegotiate_abbreviated",
+    "renegotiate_pending",
+    "secure_renegotiation_support",
+    "total_renegotiations",
+]
+
+#: ``SSL_OP_ALLOW_CLIENT_RENEGOTIATION`` (OpenSSL 3.0+): let a server accept a
+#: renegotiation its client starts.  Not in cryptography's cffi ``lib``.
+OP_ALLOW_CLIENT_RENEGOTIATION = 1 << 8
+
+#: ``SSL_OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION``: make a server-initiated
+#: renegotiation a full handshake instead of resuming the session.
+OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION = 0x00010000
+
+_TLS1_3_VERSION = 0x0304
+_SSL_CTRL_GET_RI_SUPPORT = 76
+
+# OpenSSL's reason codes (stable since 1.1.1) for the failures we name.
+_R_INVALID_KEY_UPDATE_TYPE = 120
+_R_STILL_IN_INIT = 121
+_R_BAD_WRITE_RETRY = 127
+_R_WRONG_SSL_VERSION = 266
+_R_NO_RENEGOTIATION = 339
+_R_UNSAFE_LEGACY_RENEGOTIATION_DISABLED = 338
+
+
+class KeyUpdateType(enum.IntEnum):
+    """
+    What ``SSL_get_key_update_type`` reports: the KeyUpdate this side will
+    send next, if any.
+
+    .. versionadded:: 0.1.0
+    """
+
+    #: No KeyUpdate is pending.
+    NONE = -1
+    #: A KeyUpdate that does not ask the peer to update is pending.  This is
+    #: also the state after the *peer* asked us to update: our answer waits
+    #: for our next write unless something sends it.
+    NOT_REQUESTED = 0
+    #: A KeyUpdate that asks the peer to update its own keys is pending.
+    REQUESTED = 1
+
+
+class RekeyMethod(enum.Enum):
+    """
+    How :func:`rekey` rotated the keys.
+
+    .. versionadded:: 0.1.0
+    """
+
+    #: A TLS 1.3 KeyUpdate message.
+    KEY_UPDATE = "key_update"
+    #: A TLS 1.2 (or older) renegotiation.
+    RENEGOTIATION = "renegotiation"
+
+
+UpdateType = Union[bool, int, KeyUpdateType]
+
+
+def _ssl(conn: object) -> Any:
+    if not isinstance(conn, SSL.Connection):
+        raise NotAConnection(
+            f"expected an OpenSSL.SSL.Connection, got {type(conn).__name__}"
+        )
+    return conn._ssl
+
+
+def _drain_errors() -> list[tuple[int, str, str]]:
+    """Empty OpenSSL's error queue, returning ``(reason, library, text)``."""
+    errors: list[tuple[int, str, str]] = []
+    while True:
+        code = lib.ERR_get_error()
+        if not code:
+            return errors
+        library = lib.ERR_lib_error_string(code)
+        reason = lib.ERR_reason_error_string(code)
+        errors.append(
+            (
+                lib.ERR_GET_REASON(code),
+                ffi.string(library).decode("ascii", "replace")
+                if library != ffi.NULL
+                else "unknown library",
+                ffi.string(reason).decode("ascii", "replace")
+                if reason != ffi.NULL
+                else f"reason {lib.ERR_GET_REASON(code)}",
+            )
+        )
+
+
+def _call_failed(function: str, conn: SSL.Connection) -> Exception:
+    """Turn a failed call's error queue into the most precise exception."""
+    errors = _drain_errors()
+    reasons = {reason for reason, _, _ in errors}
+    detail = "; ".join(text for _, _, text in errors)
+    if _R_INVALID_KEY_UPDATE_TYPE in reasons:
+        return InvalidUpdateType(f"{function}: {detail}")
+    if _R_WRONG_SSL_VERSION in reasons:
+        name = conn.get_protocol_version_name()
+        return WrongProtocolVersion(f"{function} is not possible on {name}", name)
+    if _R_STILL_IN_INIT in reasons:
+        return ConnectionStateError(
+            f"{function}: a handshake (or an earlier key update) is still running"
+        )
+    if _R_BAD_WRITE_RETRY in reasons:
+        return ConnectionStateError(
+            f"{function}: a write is pending; retry once it has completed"
+        )
+    if _R_NO_RENEGOTIATION in reasons:
+        return PeerRefused(f"{function}: renegotiation is switched off ({detail})")
+    if _R_UNSAFE_LEGACY_RENEGOTIATION_DISABLED in reasons:
+        return InsecureRenegotiation(f"{function}: {detail}")
+    return OpenSSLCallError(function, [(lib_, text) for _, lib_, text in errors])
+
+
+def _need(name: str) -> Any:
+    resolution, func = _binding.function(name)
+    if func is None:
+        raise FunctionUnavailable(name, resolution.reason)
+    return func
+
+
+def handshake_complete(conn: SSL.Connection) -> bool:
+    """
+    Whether the initial handshake has completed and no new one is running.
+
+    :param conn: a pyOpenSSL connection.
+    :raises NotAConnection: if *conn* is not one.
+
+    .. versionadded:: 0.1.0
+    """
+    ssl = _ssl(conn)
+    # TLS_ST_OK is the only state whose long name says this.
+    state = ffi.string(lib.SSL_state_string_long(ssl))
+    return bool(state == b"SSL negotiation finished successfully")
+
+
+def _check_open(conn: SSL.Connection, function: str) -> Any:
+    ssl = _ssl(conn)
+    if lib.SSL_get_shutdown(ssl) & (lib.SSL_SENT_SHUTDOWN | lib.SSL_RECEIVED_SHUTDOWN):
+        raise ConnectionStateError(f"{function}: the connection is shut down")
+    if not handshake_complete(conn) and not renegotiate_pending(conn):
+        raise ConnectionStateError(f"{function}: the handshake has not completed")
+    return ssl
+
+
+def protocol_version(conn: SSL.Connection) -> str:
+    """
+    The negotiated protocol's name, such as ``"TLSv1.3"``.
+
+    :param conn: a pyOpenSSL connection.
+    :raises NotAConnection: if *conn* is not one.
+
+    .. versionadded:: 0.1.0
+    """
+    _ssl(conn)
+    return str(conn.get_protocol_version_name())
+
+
+def _is_tls13(conn: SSL.Connection) -> bool:
+    return bool(lib.SSL_version(_ssl(conn)) >= _TLS1_3_VERSION)
+
+
+def _update_type(request_peer: UpdateType) -> int:
+    if isinstance(request_peer, bool):
+        return int(request_peer)
+    if isinstance(request_peer, int) and request_peer in (0, 1):
+        return int(request_peer)
+    raise InvalidUpdateType(
+        f"the KeyUpdate type must be 0 (update_not_requested) or "
+        f"1 (update_requested), not {request_peer!r}"
+    )
+
+
+def _flush_handshake(conn: SSL.Connection) -> None:
+    """Run the handshake state machine so the new message is written now."""
+    try:
+        conn.do_handshake()
+    except SSL.WantReadError:
+        # Expected after a renegotiation: the rest arrives with the peer's
+        # answer and completes inside the application's next read.
+        pass
+
+
+def key_update(conn: SSL.Connection, request_peer: UpdateType = False) -> None:
+    """
+    Send a TLS 1.3 KeyUpdate now (``SSL_key_update`` then
+    ``SSL_do_handshake``), so that this side's sending keys change.
+
+    The message is written to the connection's socket or memory BIO before
+    this returns; with a memory BIO, read it out with ``bio_read`` as usual.
+
+    :param conn: a pyOpenSSL connection whose TLS 1.3 handshake has completed.
+    :param request_peer: ``True`` (or :attr:`KeyUpdateType.REQUESTED`) to ask
+        the peer to update its own sending keys too.
+    :raises InvalidUpdateType: if *request_peer* is not a valid type.
+    :raises WrongProtocolVersion: on TLS 1.2 or lower.
+    :raises ConnectionStateError: before the handshake has completed, while
+        an earlier key update or a write is still pending, or after shutdown.
+    :raises FunctionUnavailable: if ``SSL_key_update`` cannot be reached
+        with this build of cryptography.
+    :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
+    :raises OpenSSL.SSL.Error: as pyOpenSSL raises it, if writing fails (a
+        non-blocking socket may raise ``WantWriteError``).
+
+    .. versionadded:: 0.1.0
+    """
+    update_type = _update_type(request_peer)
+    func = _need("SSL_key_update")
+    ssl = _check_open(conn, "SSL_key_update")
+    if not _is_tls13(conn):
+        name = conn.get_protocol_version_name()
+        raise WrongProtocolVersion(
+            f"KeyUpdate exists only in TLS 1.3; this connection uses {name} "
+            "(use renegotiate() or rekey())",
+            name,
+        )
+    lib.ERR_clear_error()
+    if func(ssl, update_type) != 1:
+        raise _call_failed("SSL_key_update", conn)
+    _flush_handshake(conn)
+
+
+def get_key_update_type(conn: SSL.Connection) -> KeyUpdateType:
+    """
+    The KeyUpdate this side has pending (``SSL_get_key_update_type``).
+
+    :attr:`KeyUpdateType.NOT_REQUESTED` right after reading a peer's
+    KeyUpdate means the peer asked us to update and our answer has not been
+    sent yet.
+
+    :param conn: a pyOpenSSL connection.
+    :raises FunctionUnavailable: if the function cannot be reached.
+    :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
+
+    .. versionadded:: 0.1.0
+    """
+    ssl = _ssl(conn)
+    return KeyUpdateType(_need("SSL_get_key_update_type")(ssl))
+
+
+def secure_renegotiation_support(conn: SSL.Connection) -> bool:
+    """
+    Whether the peer supports secure renegotiation (RFC 5746), as
+    ``SSL_get_secure_renegotiation_support`` reports it.  Meaningful once the
+    handshake has completed.
+
+    :raises FunctionUnavailable: if ``SSL_ctrl`` cannot be reached.
+    :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
+
+    .. versionadded:: 0.1.0
+    """
+    ssl = _ssl(conn)
+    return bool(_need("SSL_ctrl")(ssl, _SSL_CTRL_GET_RI_SUPPORT, 0, ffi.NULL))
+
+
+def _renegotiate(conn: SSL.Connection, name: str) -> None:
+    func = _need(name)
+    ssl = _check_open(conn, name)
+    if _is_tls13(conn):
+        raise WrongProtocolVersion(
+            "TLS 1.3 has no renegotiation (use key_update() or rekey())", "TLSv1.3"
+        )
+    if renegotiate_pending(conn):
+        raise AlreadyInProgress(f"{name}: a renegotiation is already in progress")
+    try:
+        secure = secure_renegotiation_support(conn)
+    except FunctionUnavailable:
+        # OpenSSL itself refuses insecure renegotiation unless explicitly
+        # allowed, which this library never does; let it say so below.
+        secure = True
+    if not secure:
+        raise InsecureRenegotiation(
+            f"{name}: the peer does not support secure renegotiation (RFC 5746)"
+        )
+    lib.ERR_clear_error()
+    if func(ssl) != 1:
+        raise _call_failed(name, conn)
+    _flush_handshake(conn)
+
+
+def renegotiate(conn: SSL.Connection) -> None:
+    """
+    Start a full TLS 1.2 (or older) renegotiation: new keys from a new key
+    exchange (``SSL_renegotiate`` then ``SSL_do_handshake``).
+
+    A client sends its ClientHello at once; a server sends a HelloRequest.
+    The handshake completes as the application goes on reading:
+    :func:`renegotiate_pending` turns false and :func:`total_renegotiations`
+    grows.
+
+    :raises WrongProtocolVersion: on TLS 1.3.
+    :raises AlreadyInProgress: while a renegotiation is pending.
+    :raises InsecureRenegotiation: if the peer lacks RFC 5746 support.
+    :raises ConnectionStateError: before the handshake completed, or after
+        shutdown.
+    :raises PeerRefused: if OpenSSL reports renegotiation switched off.
+    :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
+
+    .. versionadded:: 0.1.0
+    """
+    _renegotiate(conn, "SSL_renegotiate")
+
+
+def renegotiate_abbreviated(conn: SSL.Connection) -> None:
+    """
+    Start a renegotiation that resumes the current session
+    (``SSL_renegotiate_abbreviated``): new keys from fresh randoms, without a
+    new key exchange.  Cheaper than :func:`renegotiate`.
+
+    :raises: as :func:`renegotiate`, and
+        :class:`~twisted_rekey.exceptions.FunctionUnavailable` if the
+        function cannot be reached with this build of cryptography.
+
+    .. versionadded:: 0.1.0
+    """
+    _renegotiate(conn, "SSL_renegotiate_abbreviated")
+
+
+def renegotiate_pending(conn: SSL.Connection) -> bool:
+    """
+    Whether a renegotiation has been started and not completed
+    (``SSL_renegotiate_pending``).
+
+    :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
+
+    .. versionadded:: 0.1.0
+    """
+    return bool(_need("SSL_renegotiate_pending")(_ssl(conn)))
+
+
+def total_renegotiations(conn: SSL.Connection) -> int:
+    """
+    How many renegotiations this connection has started
+    (``SSL_total_renegotiations``).
+
+    :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
+
+    .. versionadded:: 0.1.0
+    """
+    return int(lib.SSL_total_renegotiations(_ssl(conn)))
+
+
+def rekey(conn: SSL.Connection, request_peer: UpdateType = False) -> RekeyMethod:
+    """
+    Rotate this connection's keys the way its protocol version allows: a
+    KeyUpdate on TLS 1.3, a full renegotiation on TLS 1.2 and lower.
+
+    :param request_peer: on TLS 1.3, also ask the peer to update (ignored by
+        a renegotiation, which changes both directions anyway).
+    :returns: the method used.
+    :raises: what :func:`key_update` or :func:`renegotiate` raise.
+
+    .. versionadded:: 0.1.0
+    """
+    if _is_tls13(conn):
+        key_update(conn, request_peer)
+        return RekeyMethod.KEY_UPDATE
+    _update_type(request_peer)
+    renegotiate(conn)
+    return RekeyMethod.RENEGOTIATION
+
+
+def allow_client_renegotiation(target: SSL.Context | SSL.Connection) -> None:
+    """
+    Let a server accept renegotiations that its clients start.
+
+    OpenSSL 3 refuses them by default (the client sees ``no_renegotiation``),
+    because each costs the server a full handshake: allow them only where
+    clients need to rekey TLS 1.2 connections themselves, and bound them (the
+    Twisted layer rate-limits them).  Insecure legacy renegotiation stays off.
+
+    Pass a :class:`OpenSSL.SSL.Context` before it makes its first connection
+    (pyOpenSSL refuses to change a Context in use), or a single
+    :class:`OpenSSL.SSL.Connection` at any time.
+
+    :raises TypeError: if *target* is neither.
+    :raises ValueError: from pyOpenSSL, if the Context is already in use.
+
+    .. versionadded:: 0.1.0
+    """
+    if isinstance(target, (SSL.Context, SSL.Connection)):
+        target.set_options(OP_ALLOW_CLIENT_RENEGOTIATION)
+    else:
+        raise NotAConnection(
+            "expected an OpenSSL.SSL.Context or Connection, "
+            f"got {type(target).__name__}"
+        )
+
+
+class RekeyConnectionMixin:
+    """
+    The functions of this module as methods, for subclasses of
+    :class:`OpenSSL.SSL.Connection`.
+
+    Unlike pyOpenSSL's own ``Connection.renegotiate`` (which returns
+    ``False`` when it cannot start), :meth:`renegotiate` here raises a precise
+    exception and sends the renegotiation message at once.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def key_update(self, request_peer: UpdateType = False) -> None:
+        """See :func:`twisted_rekey.key_update`."""
+        key_update(self, request_peer)  # type: ignore[arg-type]
+
+    def get_key_update_type(self) -> KeyUpdateType:
+        """See :func:`twisted_rekey.get_key_update_type`."""
+        return get_key_update_type(self)  # type: ignore[arg-type]
+
+    def renegotiate(self) -> bool:
+        """See :func:`twisted_rekey.renegotiate`.  Returns ``True``."""
+        renegotiate(self)  # type: ignore[arg-type]
+        return True
+
+    def renegotiate_abbreviated(self) -> None:
+        """See :func:`twisted_rekey.renegotiate_abbreviated`."""
+        renegotiate_abbreviated(self)  # type: ignore[arg-type]
+
+    def renegotiate_pending(self) -> bool:
+        """See :func:`twisted_rekey.renegotiate_pending`."""
+        return renegotiate_pending(self)  # type: ignore[arg-type]
+
+    def total_renegotiations(self) -> int:
+        """See :func:`twisted_rekey.total_renegotiations`."""
+        return total_renegotiations(self)  # type: ignore[arg-type]
+
+    def secure_renegotiation_support(self) -> bool:
+        """See :func:`twisted_rekey.secure_renegotiation_support`."""
+        return secure_renegotiation_support(self)  # type: ignore[arg-type]
+
+    def rekey(self, request_peer: UpdateType = False) -> RekeyMethod:
+        """See :func:`twisted_rekey.rekey`."""
+        return rekey(self, request_peer)  # type: ignore[arg-type]
+
+
+class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
+    """
+    A :class:`OpenSSL.SSL.Connection` with key update and renegotiation
+    methods.
+
+    .. versionadded:: 0.1.0
+    """
