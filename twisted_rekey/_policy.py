@@ -1,0 +1,679 @@
+"""
+When to rotate the traffic keys of one TLS connection: the sans-IO core.
+
+A :class:`RotationPolicy` is the configuration (how often, after how much
+data, how far apart); :meth:`RotationPolicy.start` makes the
+:class:`RotationSchedule` of one connection, which counts what was sent and
+says when a rotation is due.  The caller drives it the way h11 and aioquic
+are driven: it passes ``now`` in every call, asks :meth:`~RotationSchedule.
+get_timer` for the next deadline, calls :meth:`~RotationSchedule.handle_timer`
+when that deadline passes, and reports what it did
+(:meth:`~RotationSchedule.rotated`, :meth:`~RotationSchedule.peer_rotated`).
+
+This module must never do I/O, read a clock of its own, or import Twisted,
+pyOpenSSL or cryptography: it decides, the caller acts.  All times are
+seconds on whatever monotonic clock the caller uses, as long as it always
+uses the same one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "MIN_INTERVAL_LOWEST",
+    "RotationAction",
+    "RotationMethod",
+    "RotationPolicy",
+    "RotationReason",
+    "RotationSchedule",
+    "aead_record_limit",
+]
+
+RotationMethod = Literal["key-update", "renegotiation"]
+"""
+How a connection rotates its keys: ``"key-update"`` (TLS 1.3 KeyUpdate) or
+``"renegotiation"`` (TLS 1.2 and older, RFC 5746 secure renegotiation).
+"""
+
+RotationReason = Literal["interval", "bytes", "records", "aead-limit", "request-peer"]
+"""
+Why a rotation is due: the timed interval passed, ``max_bytes`` or
+``max_records`` was reached, the confidentiality limit of the cipher was
+near, or the peer's key is due for renewal (``request_peer_interval``).
+"""
+
+MIN_INTERVAL_LOWEST = 0.05
+"""
+The lowest ``min_interval`` accepted, in seconds.  Below it a policy could
+send a burst of KeyUpdates that peers treat as an attack (GnuTLS 3.7.9 drops
+a peer at the 9th KeyUpdate within one second).
+"""
+
+_RECORD_PAYLOAD = 16384  # the largest TLS plaintext record (RFC 8446 §5.1)
+
+# rustls's limit for AES-GCM; RFC 8446 §5.5 allows 2^24.5 full-size records
+# and RFC 9147 §4.5.3 gives AES-CCM the same confidentiality bound.  The
+# bound comes from the 128-bit block size, so it holds for ARIA and Camellia
+# in the same modes.
+_BLOCK128_AEAD_RECORDS = 1 << 23
+_BLOCK128_CIPHERS = ("AES", "ARIA", "CAMELLIA")
+_BLOCK128_MODES = frozenset({"GCM", "CCM", "CCM8"})
+_NAME_TOKENS = re.compile(r"[-_ ]+")
+
+_TLS13 = "TLSv1.3"
+_RENEGOTIABLE = frozenset({"TLSv1.2", "TLSv1.1", "TLSv1", "TLSv1.0", "SSLv3"})
+
+
+def aead_record_limit(cipher_name: str | None) -> int | None:
+    """
+    How many records one key of this cipher suite may protect before the
+    library rotates it by itself.
+
+    AES-GCM and AES-CCM suites (and the same modes over ARIA and Camellia,
+    whose block is also 128 bits) get 2\\ :sup:`23` records, the limit rustls
+    uses, comfortably below the 2\\ :sup:`24.5` of RFC 8446 §5.5.
+    ChaCha20-Poly1305 has no limit that a connection can reach in practice,
+    and ciphers that are not AEADs (CBC suites, NULL) or that this function
+    does not know have none either: both give ``None``.
+
+    Names are matched without regard to case, as OpenSSL spells them
+    (``"TLS_AES_128_GCM_SHA256"``, ``"ECDHE-RSA-AES128-GCM-SHA256"``,
+    ``"AES128-CCM8"``) or as IANA does
+    (``"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"``, ``"TLS_RSA_WITH_AES_128_CCM_8"``).
+
+    :param cipher_name: the negotiated cipher suite name, or ``None`` when
+        it is not known.
+    :returns: the number of records, or ``None`` for no limit.
+    :raises TypeError: if *cipher_name* is neither a string nor ``None``.
+
+    .. versionadded:: 0.1.0
+    """
+    if cipher_name is None:
+        return None
+    if not isinstance(cipher_name, str):
+        raise TypeError(
+            f"cipher_name must be a str or None, not {type(cipher_name).__name__}"
+        )
+    tokens = _NAME_TOKENS.split(cipher_name.upper())
+    # IANA spells CCM_8 as two tokens; OpenSSL as CCM8.
+    for i, token in enumerate(tokens[:-1]):
+        if token == "CCM" and tokens[i + 1] == "8":
+            tokens[i] = "CCM8"
+    if not _BLOCK128_MODES.intersection(tokens):
+        return None
+    if any(token.startswith(_BLOCK128_CIPHERS) for token in tokens):
+        return _BLOCK128_AEAD_RECORDS
+    return None
+
+
+def _check_seconds(name: str, value: object, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds"
+            + (" or None" if optional else "")
+            + f", not {type(value).__name__}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, not {value}")
+
+
+def _check_count(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, not {value}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class RotationAction:
+    """
+    A rotation the caller should perform now.
+
+    :ivar method: how to rotate: ``"key-update"`` or ``"renegotiation"``.
+    :ivar reason: why, for the log: ``"interval"``, ``"bytes"``,
+        ``"records"``, ``"aead-limit"`` or ``"request-peer"``.  When several
+        apply, the one named is the first in this order: ``"aead-limit"``,
+        ``"records"``, ``"bytes"``, ``"interval"``, ``"request-peer"``.
+    :ivar request_peer: send the KeyUpdate with ``update_requested``, so
+        that the peer rotates its sending key too.  Always ``False`` for a
+        renegotiation, which renews the keys of both directions anyway.
+
+    .. versionadded:: 0.1.0
+    """
+
+    method: RotationMethod
+    reason: RotationReason
+    request_peer: bool = False
+
+
+@dataclass(frozen=True, init=False)
+class RotationPolicy:
+    """
+    When the keys of a connection are rotated: an immutable configuration,
+    shared by any number of connections.
+
+    With the defaults, the only trigger is the confidentiality limit of the
+    negotiated cipher (see :func:`aead_record_limit`).
+
+    :param interval: seconds between timed rotations, or ``None`` for none.
+    :param jitter: each timed deadline is drawn uniformly from
+        ``interval * (1 - jitter)`` to ``interval * (1 + jitter)`` (and the
+        same for *request_peer_interval*), so that connections opened
+        together do not all rotate together.  ``0 <= jitter < 1``.
+    :param max_bytes: rotate after this many bytes of application data were
+        sent under one key, or ``None``.
+    :param max_records: rotate after this many TLS records were sent under
+        one key, or ``None``.
+    :param aead_limit: also rotate before the confidentiality limit of the
+        negotiated cipher (:func:`aead_record_limit`).
+    :param request_peer_interval: seconds after which the peer's sending key
+        is due for renewal: the next rotation asks the peer to rotate too
+        (KeyUpdate ``update_requested``), at most one request being
+        outstanding at a time; on TLS 1.2 a renegotiation renews both
+        directions.  ``None`` never asks.
+    :param min_interval: the least time, in seconds, between two rotations
+        of ours, whatever triggered them; a threshold reached sooner waits.
+        At least :data:`MIN_INTERVAL_LOWEST`.  The default of one second
+        keeps well clear of GnuTLS, which drops a peer at the 9th KeyUpdate
+        within one second.
+    :param skip_idle: skip a timed rotation (*interval* or
+        *request_peer_interval*) when no application data was sent since the
+        last rotation; it becomes due with the next data sent.  A key that
+        encrypted nothing gains nothing from rotating, and rustls and
+        BoringSSL drop a peer after 32 KeyUpdates in a row without data.
+    :param rng: the random number generator of the jitter; tests pass a
+        seeded :class:`random.Random`.  ``None`` uses a private one.
+
+    :raises TypeError: if an argument has the wrong type.
+    :raises ValueError: if an argument is out of range, if *interval* or
+        *request_peer_interval* is below *min_interval*, or if nothing would
+        ever trigger a rotation.
+
+    .. versionadded:: 0.1.0
+    """
+
+    interval: float | None
+    jitter: float
+    max_bytes: int | None
+    max_records: int | None
+    aead_limit: bool
+    request_peer_interval: float | None
+    min_interval: float
+    skip_idle: bool
+    rng: random.Random = field(compare=False, repr=False)
+
+    def __init__(
+        self,
+        *,
+        interval: float | None = None,
+        jitter: float = 0.1,
+        max_bytes: int | None = None,
+        max_records: int | None = None,
+        aead_limit: bool = True,
+        request_peer_interval: float | None = None,
+        min_interval: float = 1.0,
+        skip_idle: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        _check_seconds("interval", interval, optional=True)
+        _check_seconds("request_peer_interval", request_peer_interval, optional=True)
+        _check_seconds("min_interval", min_interval, optional=False)
+        if min_interval < MIN_INTERVAL_LOWEST:
+            raise ValueError(
+                f"min_interval must be at least {MIN_INTERVAL_LOWEST} s, not "
+                f"{min_interval}: bursts of KeyUpdates get a connection dropped"
+            )
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):
+            raise TypeError(f"jitter must be a number, not {type(jitter).__name__}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be >= 0 and < 1, not {jitter}")
+        _check_count("max_bytes", max_bytes)
+        _check_count("max_records", max_records)
+        _check_bool("aead_limit", aead_limit)
+        _check_bool("skip_idle", skip_idle)
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(
+                f"rng must be a random.Random or None, not {type(rng).__name__}"
+            )
+        for name, value in (
+            ("interval", interval),
+            ("request_peer_interval", request_peer_interval),
+        ):
+            if value is not None and value < min_interval:
+                raise ValueError(
+                    f"{name}={value} is below min_interval={min_interval}; "
+                    f"to rotate this often, lower min_interval explicitly "
+                    f"(min_interval={value})"
+                )
+        if (
+            interval is None
+            and request_peer_interval is None
+            and max_bytes is None
+            and max_records is None
+            and not aead_limit
+        ):
+            raise ValueError(
+                "nothing would ever trigger a rotation: set interval, max_bytes, "
+                "max_records or request_peer_interval, or keep aead_limit=True"
+            )
+        setattr_ = object.__setattr__
+        setattr_(self, "interval", interval)
+        setattr_(self, "jitter", jitter)
+        setattr_(self, "max_bytes", max_bytes)
+        setattr_(self, "max_records", max_records)
+        setattr_(self, "aead_limit", aead_limit)
+        setattr_(self, "request_peer_interval", request_peer_interval)
+        setattr_(self, "min_interval", min_interval)
+        setattr_(self, "skip_idle", skip_idle)
+        setattr_(self, "rng", random.Random() if rng is None else rng)
+
+    def _draw(self, seconds: float) -> float:
+        if not self.jitter:
+            return seconds
+        return seconds * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def start(
+        self,
+        now: float,
+        *,
+        protocol: str,
+        cipher: str | None,
+        secure_renegotiation: bool | None = None,
+    ) -> RotationSchedule:
+        """
+        Begin the schedule of one connection whose handshake just completed.
+
+        :param now: the current time, in seconds.
+        :param protocol: the negotiated protocol version, as OpenSSL names it
+            (``"TLSv1.3"``, ``"TLSv1.2"``).
+        :param cipher: the negotiated cipher suite name, or ``None`` if not
+            known (then no AEAD limit applies).
+        :param secure_renegotiation: whether the peer supports secure
+            renegotiation (RFC 5746); only read for TLS 1.2 and older, where
+            anything but ``True`` disables rotation.
+        :returns: the connection's schedule.  It may be disabled (see
+            :attr:`RotationSchedule.disabled_reason`); a disabled schedule
+            never asks for a rotation.
+        :raises TypeError: if *protocol* is not a string.
+
+        .. versionadded:: 0.1.0
+        """
+        return RotationSchedule(
+            self,
+            now,
+            protocol=protocol,
+            cipher=cipher,
+            secure_renegotiation=secure_renegotiation,
+        )
+
+
+class RotationSchedule:
+    """
+    The rotation state of one connection: what was sent under the current
+    key, and when the next rotation is due.  Make one with
+    :meth:`RotationPolicy.start`.
+
+    An action returned by :meth:`data_sent` or :meth:`handle_timer` stays
+    *issued* until the caller reports :meth:`rotated` or
+    :meth:`rotation_failed`; meanwhile no other action is returned and
+    :meth:`get_timer` is ``None``, so a rotation that takes a round trip (a
+    renegotiation) is never asked for twice.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        policy: RotationPolicy,
+        now: float,
+        *,
+        protocol: str,
+        cipher: str | None,
+        secure_renegotiation: bool | None = None,
+    ) -> None:
+        if not isinstance(protocol, str):
+            raise TypeError(f"protocol must be a str, not {type(protocol).__name__}")
+        self._policy = policy
+        self._protocol = protocol
+        self._cipher = cipher
+        self._method: RotationMethod | None = None
+        self._disabled_reason: str | None = None
+        if protocol == _TLS13:
+            self._method = "key-update"
+        elif protocol in _RENEGOTIABLE:
+            if secure_renegotiation:
+                self._method = "renegotiation"
+            elif secure_renegotiation is None:
+                self._disabled_reason = (
+                    f"{protocol} rotates keys by renegotiation, and whether the "
+                    f"peer supports secure renegotiation (RFC 5746) is not known"
+                )
+            else:
+                self._disabled_reason = (
+                    f"{protocol} rotates keys by renegotiation, and the peer does "
+                    f"not support secure renegotiation (RFC 5746)"
+                )
+        else:
+            self._disabled_reason = (
+                f"no way to rotate the keys of a {protocol} connection is known"
+            )
+
+        aead = aead_record_limit(cipher) if policy.aead_limit else None
+        self._aead_records = aead
+        self._max_records = policy.max_records
+        self._max_bytes = policy.max_bytes
+
+        self._started = now
+        self._last_rotation = now
+        self._retry_after = now
+        self._bytes = 0
+        self._records = 0
+        self._total_bytes = 0
+        self._total_records = 0
+        self._rotations = 0
+        self._peer_rotations = 0
+        self._issued: RotationAction | None = None
+        self._request_outstanding = False
+        self._interval_deadline: float | None = None
+        self._request_deadline: float | None = None
+        self._arm_interval(now)
+        self._arm_request(now)
+
+    def __repr__(self) -> str:
+        state = self._method or f"disabled ({self._disabled_reason})"
+        return (
+            f"<RotationSchedule {self._protocol} {state} bytes={self._bytes} "
+            f"records={self._records} rotations={self._rotations}>"
+        )
+
+    # -- what the caller reads ------------------------------------------------
+
+    @property
+    def policy(self) -> RotationPolicy:
+        """The policy this schedule follows."""
+        return self._policy
+
+    @property
+    def method(self) -> RotationMethod | None:
+        """
+        ``"key-update"``, ``"renegotiation"``, or ``None`` when the schedule
+        is disabled.
+        """
+        return self._method
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """
+        Why this connection will never rotate, in a sentence fit for a log;
+        ``None`` when the schedule is enabled.
+        """
+        return self._disabled_reason
+
+    @property
+    def record_limit(self) -> int | None:
+        """
+        The number of records after which a rotation is due (the lower of
+        ``max_records`` and the cipher's AEAD limit), or ``None``.
+        """
+        limits = [x for x in (self._max_records, self._aead_records) if x is not None]
+        return min(limits) if limits else None
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of application data sent under the current key."""
+        return self._bytes
+
+    @property
+    def records_sent(self) -> int:
+        """Records sent (or estimated) under the current key."""
+        return self._records
+
+    @property
+    def total_bytes_sent(self) -> int:
+        """Bytes of application data sent since :meth:`RotationPolicy.start`."""
+        return self._total_bytes
+
+    @property
+    def total_records_sent(self) -> int:
+        """Records sent (or estimated) since :meth:`RotationPolicy.start`."""
+        return self._total_records
+
+    @property
+    def last_rotation(self) -> float:
+        """
+        When the current sending key came into use: the time of the last
+        rotation, or of the start until there was one.
+        """
+        return self._last_rotation
+
+    @property
+    def rotations(self) -> int:
+        """How many rotations of ours were reported with :meth:`rotated`."""
+        return self._rotations
+
+    @property
+    def peer_rotations(self) -> int:
+        """How many rotations of the peer were reported with :meth:`peer_rotated`."""
+        return self._peer_rotations
+
+    @property
+    def request_outstanding(self) -> bool:
+        """
+        Whether we asked the peer to rotate and it has not answered yet.
+        """
+        return self._request_outstanding
+
+    @property
+    def interval_deadline(self) -> float | None:
+        """
+        The jittered time of the next timed rotation, as drawn, or ``None``
+        without an interval.  The rotation may come later: after the
+        ``min_interval`` floor, or with the next data when idle.
+        """
+        return self._interval_deadline
+
+    @property
+    def request_deadline(self) -> float | None:
+        """
+        The jittered time at which the peer's key is due for renewal, or
+        ``None`` (no ``request_peer_interval``, or a request is outstanding).
+        """
+        return self._request_deadline
+
+    # -- events the caller reports ------------------------------------------
+
+    def data_sent(
+        self, now: float, nbytes: int, records: int | None = None
+    ) -> RotationAction | None:
+        """
+        Count application data sent under the current key.
+
+        :param now: the current time.
+        :param nbytes: bytes of application data written.
+        :param records: TLS records they took, when known; otherwise
+            ``ceil(nbytes / 16384)``.
+        :returns: the rotation now due, if any, so that a caller that counts
+            every write needs no timer for byte and record thresholds.
+        :raises ValueError: if *nbytes* or *records* is negative.
+
+        .. versionadded:: 0.1.0
+        """
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
+        if records is None:
+            records = -(-nbytes // _RECORD_PAYLOAD)
+        elif records < 0:
+            raise ValueError(f"records must be >= 0, not {records}")
+        self._bytes += nbytes
+        self._records += records
+        self._total_bytes += nbytes
+        self._total_records += records
+        return self._issue(now)
+
+    def get_timer(self) -> float | None:
+        """
+        The next time at which :meth:`handle_timer` may have something to do.
+
+        :returns: an absolute time, possibly already past; or ``None`` when
+            nothing is scheduled: the schedule is disabled, an action is
+            issued and not yet reported, or the only rotation left is a
+            timed one skipped while idle (it comes back with
+            :meth:`data_sent`).
+
+        .. versionadded:: 0.1.0
+        """
+        if self._method is None or self._issued is not None:
+            return None
+        floor = self._floor()
+        if self._threshold_reason() is not None:
+            return floor
+        if self._policy.skip_idle and not self._bytes:
+            return None
+        deadlines = [
+            d
+            for d in (self._interval_deadline, self._request_deadline)
+            if d is not None
+        ]
+        if not deadlines:
+            return None
+        return max(floor, min(deadlines))
+
+    def handle_timer(self, now: float) -> RotationAction | None:
+        """
+        Say what is due at *now*.  Calling it early, or more often than
+        needed, is harmless.
+
+        :param now: the current time.
+        :returns: the rotation to perform now, or ``None``.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._issue(now)
+
+    def rotated(self, now: float, *, requested_peer: bool) -> None:
+        """
+        The caller rotated our sending key (started a renegotiation or sent a
+        KeyUpdate), whether an action asked for it or not.  The counters
+        start again from zero and the next timed deadline is drawn afresh.
+
+        :param now: the current time.
+        :param requested_peer: whether the KeyUpdate was sent with
+            ``update_requested``; until :meth:`peer_rotated` reports the
+            answer, no further rotation asks the peer.  Ignored for a
+            renegotiation.
+
+        .. versionadded:: 0.1.0
+        """
+        self._issued = None
+        self._rotations += 1
+        self._new_key(now)
+        if self._method == "renegotiation":
+            self._arm_request(now)
+        elif requested_peer:
+            self._request_outstanding = True
+            self._request_deadline = None
+
+    def rotation_failed(self, now: float) -> None:
+        """
+        The caller could not perform the issued rotation (a write was pending,
+        the peer refused).  The counters are kept and the rotation is asked
+        for again no sooner than ``min_interval`` from *now*.
+
+        :param now: the current time.
+
+        .. versionadded:: 0.1.0
+        """
+        self._issued = None
+        self._retry_after = now + self._policy.min_interval
+
+    def peer_rotated(self, now: float, *, requested: bool) -> None:
+        """
+        The peer rotated its sending key: a KeyUpdate or a renegotiation
+        from the peer completed.  This answers an outstanding request.
+
+        :param now: the current time.
+        :param requested: whether the peer's KeyUpdate carried
+            ``update_requested``.  The TLS stack answers it by itself with our
+            next write, which rotates our sending key too, so the schedule
+            counts that as a new key of ours (and so does any renegotiation,
+            which renews both directions).
+
+        .. versionadded:: 0.1.0
+        """
+        self._peer_rotations += 1
+        self._request_outstanding = False
+        self._arm_request(now)
+        if requested or self._method == "renegotiation":
+            self._new_key(now)
+
+    # -- internals ----------------------------------------------------------
+
+    def _new_key(self, now: float) -> None:
+        self._last_rotation = now
+        self._retry_after = now
+        self._bytes = 0
+        self._records = 0
+        self._arm_interval(now)
+
+    def _arm_interval(self, now: float) -> None:
+        interval = self._policy.interval
+        if interval is not None:
+            self._interval_deadline = now + self._policy._draw(interval)
+
+    def _arm_request(self, now: float) -> None:
+        interval = self._policy.request_peer_interval
+        if interval is not None:
+            self._request_deadline = now + self._policy._draw(interval)
+
+    def _floor(self) -> float:
+        return max(self._last_rotation + self._policy.min_interval, self._retry_after)
+
+    def _threshold_reason(self) -> RotationReason | None:
+        records = self._records
+        aead = self._aead_records
+        max_records = self._max_records
+        if aead is not None and records >= aead:
+            if max_records is None or aead <= max_records:
+                return "aead-limit"
+        if max_records is not None and records >= max_records:
+            return "records"
+        if self._max_bytes is not None and self._bytes >= self._max_bytes:
+            return "bytes"
+        return None
+
+    def _issue(self, now: float) -> RotationAction | None:
+        method = self._method
+        if method is None or self._issued is not None:
+            return None
+        request = self._request_deadline is not None and now >= self._request_deadline
+        reason = self._threshold_reason()
+        if reason is None:
+            if self._policy.skip_idle and not self._bytes:
+                return None
+            if self._interval_deadline is not None and now >= self._interval_deadline:
+                reason = "interval"
+            elif request:
+                reason = "request-peer"
+            else:
+                return None
+        if now < self._floor():
+            return None
+        action = RotationAction(
+            method, reason, request_peer=request and method == "key-update"
+        )
+        self._issued = action
+        return action
