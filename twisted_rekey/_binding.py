@@ -68,6 +68,7 @@ SIGNATURES = {
     "SSL_renegotiate": "int (*)(SSL *)",
     "SSL_renegotiate_pending": "int (*)(const SSL *)",
     "SSL_ctrl": "long (*)(SSL *, int, long, void *)",
+    "SSL_clear_options": "uint64_t (*)(SSL *, uint64_t)",
 }
 
 # Functions cffi wraps in every release we support; their wrappers' addresses

@@ -321,6 +321,13 @@ def _renegotiate(conn: SSL.Connection, name: str) -> None:
         raise InsecureRenegotiation(
             f"{name}: the peer does not support secure renegotiation (RFC 5746)"
         )
+    # Whether a renegotiation resumes the session is the server's choice,
+    # made when the ClientHello arrives: say on this connection which kind
+    # was asked for (the option is ignored on a client).
+    if name == "SSL_renegotiate":
+        conn.set_options(OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
+    elif conn.set_options(0) & OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION:
+        _need("SSL_clear_options")(ssl, OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
     lib.ERR_clear_error()
     if func(ssl) != 1:
         raise _call_failed(name, conn)
@@ -332,8 +339,9 @@ def renegotiate(conn: SSL.Connection) -> None:
     Start a full TLS 1.2 (or older) renegotiation: new keys from a new key
     exchange (``SSL_renegotiate`` then ``SSL_do_handshake``).
 
-    A client sends its ClientHello at once; a server sends a HelloRequest.
-    The handshake completes as the application goes on reading:
+    A client sends its ClientHello at once; a server sends a HelloRequest
+    and sets ``OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION`` on this connection
+    so that the client's session is not resumed.  The handshake completes as the application goes on reading:
     :func:`renegotiate_pending` turns false and :func:`total_renegotiations`
     grows.
 
@@ -354,7 +362,8 @@ def renegotiate_abbreviated(conn: SSL.Connection) -> None:
     """
     Start a renegotiation that resumes the current session
     (``SSL_renegotiate_abbreviated``): new keys from fresh randoms, without a
-    new key exchange.  Cheaper than :func:`renegotiate`.
+    new key exchange.  Cheaper than :func:`renegotiate`.  On a server, the
+    client decides: it resumes unless it offers no session.
 
     :raises: as :func:`renegotiate`, and
         :class:`~twisted_rekey.exceptions.FunctionUnavailable` if the

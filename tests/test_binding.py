@@ -1,0 +1,228 @@
+"""
+Reaching OpenSSL's missing functions: each way is verified before it is
+trusted, a failed check means "unavailable, because ...", never a call, and
+no second OpenSSL is ever loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from memorypair import make_pair
+
+import twisted_rekey
+from twisted_rekey import FunctionUnavailable, _binding, _elf
+
+
+def test_capabilities_on_this_machine() -> None:
+    caps = twisted_rekey.capabilities()
+    assert caps.key_update
+    assert caps.renegotiation
+    assert caps.abbreviated_renegotiation
+    assert caps.openssl_version.startswith("OpenSSL ")
+    assert caps.cryptography_version
+    by_name = {f.name: f for f in caps.functions}
+    for name in _binding.SIGNATURES:
+        res = by_name[name]
+        assert res.available, res.reason
+        assert res.how in ("cffi", "dynamic", "symtab")
+        assert res.address
+        assert res.reason == ""
+
+
+def test_resolved_key_update_is_the_real_one() -> None:
+    """
+    The address used is the one the file's symbol table names, at the same
+    load base as cffi's own wrappers (checked independently of the resolver).
+    """
+    resolution, func = _binding.function("SSL_key_update")
+    if resolution.how != "symtab":
+        pytest.skip(f"found by {resolution.how}, not the symbol table")
+    path = twisted_rekey.capabilities().module_path
+    assert path is not None
+    symbols = _elf.find_symbols(path, ["SSL_key_update", "_cffi_d_SSL_read"])
+    base = int(
+        _binding.ffi.cast("uintptr_t", _binding.ffi.addressof(_binding.lib, "SSL_read"))
+    )
+    base -= symbols["_cffi_d_SSL_read"][0].value
+    assert resolution.address == base + symbols["SSL_key_update"][0].value
+    assert int(_binding.ffi.cast("uintptr_t", func)) == resolution.address
+
+
+def _fresh_resolver(monkeypatch: pytest.MonkeyPatch) -> _binding._Resolver:
+    resolver = _binding._Resolver()
+    monkeypatch.setattr(_binding, "_resolver", resolver)
+    return resolver
+
+
+def _missing_from_cffi() -> list[str]:
+    return [n for n in _binding.SIGNATURES if not hasattr(_binding.lib, n)]
+
+
+def test_code_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the code at the address is not the symbol's code, never call it."""
+    if not _missing_from_cffi():
+        pytest.skip("cryptography's cffi lib already has every function")
+    _fresh_resolver(monkeypatch)
+    real = _elf.read_bytes
+    monkeypatch.setattr(
+        _elf, "read_bytes", lambda *a: bytes(b ^ 0xFF for b in real(*a))
+    )
+    resolution, func = _binding.function("SSL_key_update")
+    assert func is None
+    assert not resolution.available
+    assert (
+        "is not SSL_key_update" in resolution.reason or "does not" in resolution.reason
+    )
+
+
+def test_base_disagreement_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _missing_from_cffi():
+        pytest.skip("cryptography's cffi lib already has every function")
+    _fresh_resolver(monkeypatch)
+    # dladdr "says" the module is loaded one page further on.
+    real_where = _binding._where
+
+    def shifted(address: int) -> tuple[str, int] | None:
+        where = real_where(address)
+        return None if where is None else (where[0], where[1] + 4096)
+
+    monkeypatch.setattr(_binding, "_where", shifted)
+    resolution, func = _binding.function("SSL_get_key_update_type")
+    assert func is None
+    assert "does not agree" in resolution.reason
+
+
+def test_unreadable_symbol_table_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not _missing_from_cffi():
+        pytest.skip("cryptography's cffi lib already has every function")
+    _fresh_resolver(monkeypatch)
+
+    def broken(path: str, names: object) -> object:
+        raise _elf.ElfError("not an ELF file")
+
+    monkeypatch.setattr(_elf, "find_symbols", broken)
+    resolution, func = _binding.function("SSL_key_update")
+    assert func is None
+    assert "cannot read the symbol table" in resolution.reason
+
+
+def test_unavailable_key_update_says_why_and_renegotiation_still_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No dladdr (as on Windows): key update is unavailable, clearly."""
+    if not _missing_from_cffi():
+        pytest.skip("cryptography's cffi lib already has every function")
+    _fresh_resolver(monkeypatch)
+    monkeypatch.setattr(_binding, "_dladdr", None)
+
+    caps = twisted_rekey.capabilities()
+    assert not caps.key_update
+    assert caps.renegotiation
+    by_name = {f.name: f for f in caps.functions}
+    assert "dladdr is not available" in by_name["SSL_key_update"].reason
+
+    pair = make_pair()
+    with pytest.raises(FunctionUnavailable, match="SSL_key_update") as info:
+        pair.client.key_update()
+    assert isinstance(info.value, NotImplementedError)
+    assert "dladdr" in info.value.reason
+
+    tls12 = make_pair(twisted_rekey_tls12())
+    tls12.server.renegotiate()
+    tls12.pump()
+    assert tls12.server.total_renegotiations() == 1
+
+
+def twisted_rekey_tls12() -> int:
+    from OpenSSL import SSL
+
+    return int(SSL.TLS1_2_VERSION)
+
+
+def test_no_second_openssl_is_loaded() -> None:
+    """Resolving every function maps no libssl/libcrypto that was not there."""
+    script = textwrap.dedent(
+        """
+        import re
+        def libs():
+            with open("/proc/self/maps") as f:
+                return {l.split()[-1] for l in f
+                        if re.search(r"lib(ssl|crypto)[.-]", l)}
+        import OpenSSL.SSL
+        before = libs()
+        import twisted_rekey
+        caps = twisted_rekey.capabilities()
+        assert caps.key_update, caps
+        print(sorted(libs() - before))
+        """
+    )
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc")
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# -- the ELF reader -------------------------------------------------------------
+
+
+def test_elf_reader_finds_functions() -> None:
+    path = twisted_rekey.capabilities().module_path
+    assert path is not None
+    found = _elf.find_symbols(path, ["_cffi_d_SSL_read", "no_such_symbol_at_all"])
+    assert "no_such_symbol_at_all" not in found
+    (sym,) = found["_cffi_d_SSL_read"]
+    assert sym.is_function
+    assert sym.size > 0
+    assert sym.file_offset is not None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not an elf", b"\x7fELF" + b"\x00" * 12, b"\x7fELF\x02\x01" + b"\x00" * 58],
+)
+def test_elf_reader_rejects_garbage(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(content)
+    with pytest.raises(_elf.ElfError):
+        _elf.find_symbols(str(bad), ["SSL_key_update"])
+
+
+def test_elf_reader_rejects_truncated_file(tmp_path: Path) -> None:
+    path = twisted_rekey.capabilities().module_path
+    assert path is not None
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(head)
+    with pytest.raises(_elf.ElfError):
+        _elf.find_symbols(str(cut), ["SSL_key_update"])
+
+
+def test_elf_reader_on_a_shared_library_dynsym() -> None:
+    """The same reader finds exported symbols in an ordinary shared library."""
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    candidates = [
+        p
+        for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6")
+        if os.path.exists(p)
+    ]
+    if not candidates:
+        pytest.skip(f"no glibc file found ({libc})")
+    found = _elf.find_symbols(candidates[0], ["malloc"])
+    assert any(s.table == ".dynsym" and s.is_function for s in found["malloc"])
