@@ -8,22 +8,34 @@ how a test proves the peer saw a KeyUpdate or a renegotiation.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import trustme
 from OpenSSL import SSL
 
-from twisted_rekey import RekeyConnection, allow_client_renegotiation
+from twisted_rekey import RekeyConnection, _binding, allow_client_renegotiation
+from twisted_rekey._binding import ffi, lib
 
 _CA = trustme.CA()
 _CERT = _CA.issue_cert("localhost", "127.0.0.1", "::1")
+# Files, which every pyOpenSSL release since 0.x accepts.
+_FILES = tempfile.TemporaryDirectory(prefix="twisted-rekey-tests-")
+_CHAIN = os.path.join(_FILES.name, "chain.pem")
+_KEY = os.path.join(_FILES.name, "key.pem")
+_CA_FILE = os.path.join(_FILES.name, "ca.pem")
+_CERT.private_key_and_cert_chain_pem.write_to_path(_CHAIN)
+_CERT.private_key_pem.write_to_path(_KEY)
+_CA.cert_pem.write_to_path(_CA_FILE)
 
 
 def server_context(version: int, *, allow_client_reneg: bool = False) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(version)
     ctx.set_max_proto_version(version)
-    _CERT.configure_cert(ctx)
+    ctx.use_certificate_chain_file(_CHAIN)
+    ctx.use_privatekey_file(_KEY)
     if allow_client_reneg:
         allow_client_renegotiation(ctx)
     return ctx
@@ -33,7 +45,7 @@ def client_context(version: int) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(version)
     ctx.set_max_proto_version(version)
-    _CA.configure_trust(ctx)
+    ctx.load_verify_locations(_CA_FILE)
     ctx.set_verify(SSL.VERIFY_PEER, lambda *args: bool(args[-1]))
     return ctx
 
@@ -44,11 +56,25 @@ class Watcher:
 
     states: list[str] = field(default_factory=list)
 
-    def __call__(self, conn: SSL.Connection, where: int, ret: int) -> None:
-        self.states.append(conn.get_state_string().decode("ascii"))
-
     def count(self, text: str) -> int:
         return sum(1 for s in self.states if text in s)
+
+
+def watch(conn: SSL.Connection) -> Watcher:
+    """
+    Record *conn*'s handshake states with a per-connection info callback
+    (through cffi: pyOpenSSL < 25 has no ``Connection.set_info_callback``).
+    """
+    watcher = Watcher()
+
+    def info(ssl: object, where: int, ret: int) -> None:
+        state = ffi.string(lib.SSL_state_string_long(ssl))
+        watcher.states.append(state.decode("ascii"))
+
+    callback = ffi.callback("void (*)(const SSL *, int, int)", info)
+    conn._test_info_callback = callback  # type: ignore[attr-defined]
+    _binding.function("SSL_set_info_callback")[1](conn._ssl, callback)
+    return watcher
 
 
 @dataclass
@@ -110,9 +136,7 @@ def make_pair(
     client = RekeyConnection(client_context(version), None)
     client.set_connect_state()
     client.set_tlsext_host_name(b"localhost")
-    server_seen, client_seen = Watcher(), Watcher()
-    server.set_info_callback(server_seen)
-    client.set_info_callback(client_seen)
+    server_seen, client_seen = watch(server), watch(client)
     return Pair(
         server,
         client,

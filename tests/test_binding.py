@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from memorypair import make_pair
+from OpenSSL import SSL
 
 import twisted_rekey
 from twisted_rekey import FunctionUnavailable, _binding, _elf
@@ -120,6 +121,8 @@ def test_unavailable_key_update_says_why_and_renegotiation_still_works(
     """No dladdr (as on Windows): key update is unavailable, clearly."""
     if not _missing_from_cffi():
         pytest.skip("cryptography's cffi lib already has every function")
+    pair = make_pair()
+    tls12 = make_pair(SSL.TLS1_2_VERSION)
     _fresh_resolver(monkeypatch)
     monkeypatch.setattr(_binding, "_dladdr", None)
 
@@ -129,22 +132,14 @@ def test_unavailable_key_update_says_why_and_renegotiation_still_works(
     by_name = {f.name: f for f in caps.functions}
     assert "dladdr is not available" in by_name["SSL_key_update"].reason
 
-    pair = make_pair()
     with pytest.raises(FunctionUnavailable, match="SSL_key_update") as info:
         pair.client.key_update()
     assert isinstance(info.value, NotImplementedError)
     assert "dladdr" in info.value.reason
 
-    tls12 = make_pair(twisted_rekey_tls12())
     tls12.server.renegotiate()
     tls12.pump()
     assert tls12.server.total_renegotiations() == 1
-
-
-def twisted_rekey_tls12() -> int:
-    from OpenSSL import SSL
-
-    return int(SSL.TLS1_2_VERSION)
 
 
 def test_no_second_openssl_is_loaded() -> None:

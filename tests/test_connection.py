@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from memorypair import client_context, make_pair, server_context
+from memorypair import client_context, make_pair, server_context, watch
 from OpenSSL import SSL
 
 import twisted_rekey
@@ -270,7 +270,7 @@ def test_second_renegotiation_while_pending() -> None:
 
 def test_renegotiation_switched_off_by_application() -> None:
     pair = make_pair(TLS12)
-    pair.server.set_options(SSL.OP_NO_RENEGOTIATION)
+    lib.SSL_set_options(pair.server._ssl, SSL.OP_NO_RENEGOTIATION)
     with pytest.raises(PeerRefused, match="switched off"):
         pair.server.renegotiate()
     assert_error_queue_empty()
@@ -315,7 +315,7 @@ def test_allow_client_renegotiation_on_a_used_context() -> None:
         pass  # pyOpenSSL >= 25 refuses: documented.
     conn = SSL.Connection(ctx, None)
     twisted_rekey.allow_client_renegotiation(conn)
-    assert conn.set_options(0) & twisted_rekey.OP_ALLOW_CLIENT_RENEGOTIATION
+    assert lib.SSL_get_options(conn._ssl) & twisted_rekey.OP_ALLOW_CLIENT_RENEGOTIATION
 
 
 # -- real loopback sockets ------------------------------------------------------
@@ -354,9 +354,7 @@ class _EchoServer:
             sock, _ = self.listener.accept()
             _bounded(sock)
             conn = self.conn = RekeyConnection(self.ctx, sock)
-            conn.set_info_callback(
-                lambda c, w, r: self.states.append(c.get_state_string().decode())
-            )
+            self.states = watch(conn).states
             conn.set_accept_state()
             conn.do_handshake()
             while True:
@@ -388,9 +386,7 @@ def _client(version: int, server: _EchoServer) -> Iterator[RekeyConnection]:
     _bounded(sock)
     conn = RekeyConnection(client_context(version), sock)
     conn.set_tlsext_host_name(b"localhost")
-    states: list[str] = []
-    conn.set_info_callback(lambda c, w, r: states.append(c.get_state_string().decode()))
-    conn.states = states  # type: ignore[attr-defined]
+    conn.states = watch(conn).states  # type: ignore[attr-defined]
     conn.set_connect_state()
     conn.do_handshake()
     try:

@@ -69,6 +69,8 @@ SIGNATURES = {
     "SSL_renegotiate_pending": "int (*)(const SSL *)",
     "SSL_ctrl": "long (*)(SSL *, int, long, void *)",
     "SSL_clear_options": "uint64_t (*)(SSL *, uint64_t)",
+    # In cryptography's lib only since 43-ish; per-connection hooks need it.
+    "SSL_set_info_callback": "void (*)(SSL *, void (*)(const SSL *, int, int))",
 }
 
 # Functions cffi wraps in every release we support; their wrappers' addresses

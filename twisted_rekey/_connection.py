@@ -324,9 +324,10 @@ def _renegotiate(conn: SSL.Connection, name: str) -> None:
     # Whether a renegotiation resumes the session is the server's choice,
     # made when the ClientHello arrives: say on this connection which kind
     # was asked for (the option is ignored on a client).
+    # (lib.SSL_set_options: pyOpenSSL < 25 has no Connection.set_options.)
     if name == "SSL_renegotiate":
-        conn.set_options(OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
-    elif conn.set_options(0) & OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION:
+        lib.SSL_set_options(ssl, OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
+    elif lib.SSL_get_options(ssl) & OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION:
         _need("SSL_clear_options")(ssl, OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
     lib.ERR_clear_error()
     if func(ssl) != 1:
@@ -341,9 +342,9 @@ def renegotiate(conn: SSL.Connection) -> None:
 
     A client sends its ClientHello at once; a server sends a HelloRequest
     and sets ``OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION`` on this connection
-    so that the client's session is not resumed.  The handshake completes as the application goes on reading:
-    :func:`renegotiate_pending` turns false and :func:`total_renegotiations`
-    grows.
+    so that the client's session is not resumed.  The handshake completes
+    as the application goes on reading: :func:`renegotiate_pending` turns
+    false and :func:`total_renegotiations` grows.
 
     :raises WrongProtocolVersion: on TLS 1.3.
     :raises AlreadyInProgress: while a renegotiation is pending.
@@ -436,8 +437,11 @@ def allow_client_renegotiation(target: SSL.Context | SSL.Connection) -> None:
 
     .. versionadded:: 0.1.0
     """
-    if isinstance(target, (SSL.Context, SSL.Connection)):
+    if isinstance(target, SSL.Context):
         target.set_options(OP_ALLOW_CLIENT_RENEGOTIATION)
+    elif isinstance(target, SSL.Connection):
+        # pyOpenSSL < 25 has no Connection.set_options.
+        lib.SSL_set_options(target._ssl, OP_ALLOW_CLIENT_RENEGOTIATION)
     else:
         raise NotAConnection(
             "expected an OpenSSL.SSL.Context or Connection, "
