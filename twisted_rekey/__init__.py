@@ -11,7 +11,6 @@ not pay for importing Twisted.
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ._binding import Capabilities, Resolution, capabilities
@@ -50,16 +49,19 @@ from .exceptions import (
     WrongProtocolVersion,
 )
 
-try:
-    __version__ = version("twisted_rekey")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
-
 # Names served lazily: name -> private module that defines it.
 _LAZY: dict[str, str] = {}
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        # Lazily, as service-identity does: importlib.metadata costs ~10 ms.
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("twisted_rekey")
+        except PackageNotFoundError:  # a source tree that is not installed
+            return "0+unknown"
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
