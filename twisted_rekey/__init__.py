@@ -50,7 +50,11 @@ from .exceptions import (
 )
 
 # Names served lazily: name -> private module that defines it.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "IRekeyable": "._interfaces",
+    "RekeyProtocolMixin": "._protocol",
+    "RekeyStats": "._protocol",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,795 @@
+"""
+The Twisted protocol mixin: in memory (``iosim`` with a ``task.Clock``) for
+the logic, and over real loopback sockets for every kind of TLS transport
+Twisted makes (``listenSSL``/``connectSSL``, ``ssl:`` endpoints,
+``wrapClientTLS``, ``startTLS``), in both roles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, endpoints, protocol, ssl, task
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface.verify import verifyObject
+
+from twisted_rekey import (
+    ConnectionStateError,
+    IRekeyable,
+    KeyUpdateFlood,
+    PeerRefused,
+    RekeyProtocolMixin,
+    RekeyStats,
+    RekeyTimeout,
+    RenegotiationRateLimited,
+    WrongProtocolVersion,
+    get_key_update_type,
+    key_update,
+)
+
+TIMEOUT = 10.0
+
+
+class Peer(RekeyProtocolMixin, protocol.Protocol):
+    """Records what it sees; echoes nothing unless told to."""
+
+    echo = False
+
+    def connectionMade(self) -> None:
+        self.received = bytearray()
+        self.updates: list[bool] = []
+        self.renegotiationsSeen = 0
+        self.lost: Failure | None = None
+        self.handshakes = 0
+        self.lostDeferred: defer.Deferred[None] = defer.Deferred()
+        self.dataDeferreds: list[tuple[bytes, defer.Deferred[None]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.echo:
+            self.transport.write(data)  # type: ignore[union-attr]
+        for wanted, d in list(self.dataDeferreds):
+            if wanted in self.received:
+                self.dataDeferreds.remove((wanted, d))
+                d.callback(None)
+
+    def waitFor(self, data: bytes) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.dataDeferreds.append((data, d))
+        self.dataReceived(b"")
+        return d
+
+    def keyUpdateReceived(self, updateRequested: bool) -> None:
+        self.updates.append(updateRequested)
+
+    def renegotiationCompleted(self) -> None:
+        self.renegotiationsSeen += 1
+
+    onHandshake: defer.Deferred[Peer] | None = None
+
+    def _rekeyHandshakeCompleted(self) -> None:
+        self.handshakes += 1
+        if self.onHandshake is not None:
+            d, self.onHandshake = self.onHandshake, None
+            d.callback(self)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = reason
+        self.lostDeferred.callback(None)
+
+
+class Events:
+    """twisted_rekey's log events, by ``rekey_event``."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if "rekey_event" in event:
+            self.events.append(event)
+
+    def names(self) -> list[str]:
+        return [e["rekey_event"] for e in self.events]
+
+
+@pytest.fixture
+def events() -> Any:
+    observer = Events()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
+
+
+def _server_options(cert_files: Any, version: str) -> Any:
+    extra = {}
+    if version == "1.2":
+        extra["lowerMaximumSecurityTo"] = ssl.TLSVersion.TLSv1_2
+    pem = cert_files.server.private_key_and_cert_chain_pem.bytes()
+    private = ssl.PrivateCertificate.loadPEM(pem)
+    return ssl.CertificateOptions(
+        privateKey=private.privateKey.original,
+        certificate=private.original,
+        **extra,
+    )
+
+
+def _client_options(cert_files: Any, host: str = "localhost") -> Any:
+    return ssl.optionsForClientTLS(
+        host, ssl.Certificate.loadPEM(cert_files.ca.cert_pem.bytes())
+    )
+
+
+class Pair:
+    def __init__(
+        self,
+        cert_files: Any,
+        version: str = "1.3",
+        serverClass: type[Peer] = Peer,
+        clientClass: type[Peer] = Peer,
+    ) -> None:
+        self.clock = task.Clock()
+        sf = TLSMemoryBIOFactory(
+            _server_options(cert_files, version),
+            False,
+            protocol.Factory.forProtocol(serverClass),
+            self.clock,
+        )
+        cf = TLSMemoryBIOFactory(
+            _client_options(cert_files),
+            True,
+            protocol.Factory.forProtocol(clientClass),
+            self.clock,
+        )
+        c, s, self.pump = iosim.connectedServerAndClient(
+            lambda: sf.buildProtocol(None),
+            lambda: cf.buildProtocol(None),
+            clock=self.clock,
+        )
+        self.client: Peer = c.wrappedProtocol
+        self.server: Peer = s.wrappedProtocol
+        self.pump.flush()
+
+    def side(self, role: str) -> tuple[Peer, Peer]:
+        """(us, peer) for the role we play."""
+        if role == "client":
+            return self.client, self.server
+        return self.server, self.client
+
+
+def _result(d: defer.Deferred[Any]) -> list[Any]:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out
+
+
+ROLES = pytest.mark.parametrize("role", ["client", "server"])
+
+
+# -- the interface and the figures -------------------------------------------
+
+
+def test_interface(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    assert IRekeyable.providedBy(pair.client)
+    assert IHandshakeListener.providedBy(pair.client)
+    verifyObject(IRekeyable, pair.client)
+    assert isinstance(pair.client.rekeyStats, RekeyStats)
+    assert not IRekeyable.providedBy(protocol.Protocol())
+    assert pair.client.handshakes == pair.server.handshakes == 1
+
+
+def test_stats_before_connection() -> None:
+    stats = Peer().rekeyStats
+    assert stats.keyUpdatesSent == 0 and stats.lastRotation is None
+
+
+# -- TLS 1.3 KeyUpdate ---------------------------------------------------------
+
+
+@ROLES
+def test_key_update_seen_by_peer(cert_files: Any, role: str, events: Events) -> None:
+    pair = Pair(cert_files)
+    us, peer = pair.side(role)
+    us.transport.write(b"before")  # type: ignore[union-attr]
+    done = _result(us.keyUpdate())
+    # Handed to the transport at once, without a write or a clock tick.
+    assert done == [None]
+    pair.pump.flush()
+    assert peer.updates == [False]
+    assert us.rekeyStats.keyUpdatesSent == 1
+    assert peer.rekeyStats.keyUpdatesReceived == 1
+    assert peer.rekeyStats.keyUpdatesSent == 0
+    us.transport.write(b"after")  # type: ignore[union-attr]
+    peer.transport.write(b"back")  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert bytes(peer.received) == b"beforeafter"
+    assert bytes(us.received) == b"back"
+    assert "key_update_sent" in events.names()
+    assert "key_update_received" in events.names()
+
+
+@ROLES
+def test_request_peer_fires_on_answer_from_idle_peer(
+    cert_files: Any, role: str
+) -> None:
+    pair = Pair(cert_files)
+    us, peer = pair.side(role)
+    done = _result(us.keyUpdate(requestPeer=True))
+    assert done == []
+    # One delivery to the peer, no clock tick: its answer must already be
+    # on its transport (OpenSSL alone would wait for the peer's next write).
+    pair.pump.pump(advanceClock=False)
+    assert peer.updates == [True]
+    assert peer.rekeyStats.keyUpdatesSent == 1
+    pair.pump.pump(advanceClock=False)
+    assert done == [None]
+    assert us.updates == [False]
+    assert us.rekeyStats.keyUpdatesRequested == 1
+    assert us.rekeyStats.keyUpdatesReceived == 1
+
+
+def test_answer_not_doubled_when_application_writes(cert_files: Any) -> None:
+    class Echo(Peer):
+        echo = True
+
+    pair = Pair(cert_files, serverClass=Echo)
+    done = _result(pair.client.keyUpdate(requestPeer=True))
+    pair.client.transport.write(b"ping")  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert done == [None]
+    assert bytes(pair.client.received) == b"ping"
+    # The echo's write carried the answer: exactly one KeyUpdate came back.
+    assert pair.server.rekeyStats.keyUpdatesSent == 1
+    assert pair.client.rekeyStats.keyUpdatesReceived == 1
+
+
+def test_second_request_while_one_outstanding(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    first = _result(pair.client.keyUpdate(requestPeer=True))
+    second = _result(pair.client.keyUpdate(requestPeer=True))
+    pair.pump.flush()
+    assert first == second == [None]
+    stats = pair.client.rekeyStats
+    # Two rotations of our keys, but only one update_requested on the wire.
+    assert stats.keyUpdatesSent == 2
+    assert stats.keyUpdatesRequested == 1
+    assert pair.server.updates == [True, False]
+    assert pair.server.rekeyStats.keyUpdatesSent == 1
+    # Afterwards, a new request asks again.
+    third = _result(pair.client.keyUpdate(requestPeer=True))
+    pair.pump.flush()
+    assert third == [None]
+    assert pair.client.rekeyStats.keyUpdatesRequested == 2
+
+
+def test_many_plain_updates_each_sent(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    for _ in range(5):
+        assert _result(pair.client.keyUpdate()) == [None]
+    pair.pump.flush()
+    assert pair.server.updates == [False] * 5
+
+
+def test_request_timeout(cert_files: Any, events: Events) -> None:
+    pair = Pair(cert_files)
+    done = _result(pair.client.keyUpdate(requestPeer=True, timeout=5))
+    pair.clock.advance(5)
+    assert len(done) == 1 and done[0].check(RekeyTimeout)
+    assert "rekey_timeout" in events.names()
+    # The request stays outstanding: the next one does not ask again, and
+    # the late answer satisfies it.
+    later = _result(pair.client.keyUpdate(requestPeer=True, timeout=5))
+    pair.pump.flush()
+    assert later == [None]
+    assert pair.client.rekeyStats.keyUpdatesRequested == 1
+    assert not pair.clock.getDelayedCalls()
+
+
+def test_cancel_waiting(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    d = pair.client.keyUpdate(requestPeer=True, timeout=5)
+    d.cancel()
+    assert _result(d)[0].check(defer.CancelledError)
+    assert not pair.clock.getDelayedCalls()
+    pair.pump.flush()
+
+
+def test_key_update_on_tls12(cert_files: Any) -> None:
+    pair = Pair(cert_files, "1.2")
+    [failure] = _result(pair.client.keyUpdate())
+    assert failure.check(WrongProtocolVersion)
+
+
+def test_key_update_during_renegotiation(cert_files: Any) -> None:
+    pair = Pair(cert_files, "1.2")
+    reneg = _result(pair.server.renegotiate())
+    [failure] = _result(pair.server.keyUpdate())
+    assert failure.check(WrongProtocolVersion)
+    # rekey() during a renegotiation joins it rather than starting another.
+    joined = _result(pair.server.rekey())
+    pair.pump.flush()
+    assert reneg == joined == [None]
+    assert pair.server.rekeyStats.renegotiations == 1
+
+
+def test_calls_after_lose_connection(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    pair.client.transport.loseConnection()  # type: ignore[union-attr]
+    for call in (
+        pair.client.keyUpdate,
+        pair.client.renegotiate,
+        pair.client.rekey,
+    ):
+        [failure] = _result(call())
+        assert failure.check(ConnectionStateError)
+    pair.pump.flush()
+
+
+def test_waiting_deferred_fails_on_connection_loss(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    done = _result(pair.client.keyUpdate(requestPeer=True, timeout=30))
+    pair.client.transport.abortConnection()  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert len(done) == 1 and done[0].check(PeerRefused)
+    assert not pair.clock.getDelayedCalls()
+    [failure] = _result(pair.client.keyUpdate())
+    assert failure.check(ConnectionStateError)
+
+
+def test_before_handshake_fails() -> None:
+    class Early(Peer):
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            self.early = _result(self.keyUpdate())
+
+    sf = protocol.Factory.forProtocol(Early)
+    proto = sf.buildProtocol(None)
+    assert isinstance(proto, Early)
+    [failure] = _result(proto.keyUpdate())
+    assert failure.check(ConnectionStateError)
+
+
+def test_buffered_writes_go_under_the_old_key(cert_files: Any) -> None:
+    """
+    Bytes written before keyUpdate() sit in the buffering transport until
+    the next reactor turn; the KeyUpdate must not overtake them.
+    """
+    from tls13 import parse_records
+
+    pair = Pair(cert_files)
+    wire = pair.client.transport.transport  # type: ignore[union-attr]
+    sent: list[bytes] = []
+    original = wire.write
+
+    def capture(data: bytes) -> None:
+        sent.append(data)
+        original(data)
+
+    wire.write = capture
+    pair.client.transport.write(b"x")  # type: ignore[union-attr]
+    assert sent == []  # still aggregated
+    pair.client.keyUpdate()
+    records, rest = parse_records(b"".join(sent))
+    assert rest == b""
+    # 1 byte of data + inner type + tag, then KeyUpdate (5) + type + tag.
+    assert [len(r.payload) for r in records] == [1 + 1 + 16, 5 + 1 + 16]
+    pair.pump.flush()
+    assert bytes(pair.server.received) == b"x"
+    assert pair.server.updates == [False]
+
+
+# -- flood guard -----------------------------------------------------------------
+
+
+def _flood(sender: Peer, count: int) -> None:
+    conn = sender.transport.getHandle()  # type: ignore[union-attr]
+    tls = sender.transport
+    for _ in range(count):
+        key_update(conn, False)
+    tls._flushSendBIO()  # type: ignore[union-attr]
+
+
+def test_key_update_flood_dropped(
+    cert_files: Any, events: Events, logged_failures: Any
+) -> None:
+    pair = Pair(cert_files)
+    _flood(pair.client, 33)
+    pair.pump.flush()
+    assert pair.server.lost is not None
+    assert pair.server.lost.check(KeyUpdateFlood)
+    assert "key_update_flood" in events.names()
+    [event] = [e for e in events.events if e["rekey_event"] == "key_update_flood"]
+    assert "in a row" in event["reason"]
+    assert pair.client.lost is not None
+
+
+def test_key_updates_with_data_between_are_fine(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    for _ in range(3):
+        _flood(pair.client, 20)
+        pair.client.transport.write(b"d")  # type: ignore[union-attr]
+        pair.pump.flush()
+        pair.clock.advance(1)
+    assert pair.server.lost is None
+    assert pair.server.rekeyStats.keyUpdatesReceived == 60
+
+
+def test_key_update_rate_limit(cert_files: Any) -> None:
+    class Strict(Peer):
+        keyUpdateRateLimit = (8, 1.0)
+
+    pair = Pair(cert_files, serverClass=Strict)
+    for _ in range(9):
+        _flood(pair.client, 1)
+        pair.client.transport.write(b"d")  # type: ignore[union-attr]
+        pair.pump.flush()
+        pair.clock.advance(0.01)
+    assert pair.server.lost is not None
+    assert pair.server.lost.check(KeyUpdateFlood)
+
+
+def test_flood_limit_configurable(cert_files: Any) -> None:
+    class Lenient(Peer):
+        keyUpdateFloodLimit = None
+        keyUpdateRateLimit = None
+
+    pair = Pair(cert_files, serverClass=Lenient)
+    _flood(pair.client, 100)
+    pair.pump.flush()
+    assert pair.server.lost is None
+    assert pair.server.rekeyStats.keyUpdatesReceived == 100
+
+
+# -- TLS 1.2 renegotiation --------------------------------------------------------
+
+
+class AllowingServer(Peer):
+    allowClientRenegotiation = True
+
+
+@pytest.mark.parametrize("abbreviated", [False, True])
+@ROLES
+def test_renegotiate(cert_files: Any, role: str, abbreviated: bool) -> None:
+    pair = Pair(cert_files, "1.2", serverClass=AllowingServer)
+    us, peer = pair.side(role)
+    us.transport.write(b"before")  # type: ignore[union-attr]
+    done = _result(us.renegotiate(abbreviated=abbreviated))
+    assert done == []
+    pair.pump.flush()
+    assert done == [None]
+    assert us.rekeyStats.renegotiations == peer.rekeyStats.renegotiations == 1
+    assert us.renegotiationsSeen == peer.renegotiationsSeen == 1
+    assert us.getHandle if False else True
+    us.transport.write(b"after")  # type: ignore[union-attr]
+    peer.transport.write(b"back")  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert bytes(peer.received) == b"beforeafter"
+    assert bytes(us.received) == b"back"
+
+
+def test_rekey_picks_by_version(cert_files: Any) -> None:
+    pair13 = Pair(cert_files, "1.3")
+    assert _result(pair13.client.rekey()) == [None]
+    pair13.pump.flush()
+    assert pair13.server.updates == [False]
+    pair12 = Pair(cert_files, "1.2")
+    done = _result(pair12.server.rekey())
+    pair12.pump.flush()
+    assert done == [None]
+    assert pair12.client.renegotiationsSeen == 1
+
+
+def test_renegotiate_on_tls13(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    [failure] = _result(pair.client.renegotiate())
+    assert failure.check(WrongProtocolVersion)
+
+
+def test_second_renegotiate_joins_the_first(cert_files: Any) -> None:
+    pair = Pair(cert_files, "1.2")
+    first = _result(pair.server.renegotiate())
+    second = _result(pair.server.renegotiate())
+    pair.pump.flush()
+    assert first == second == [None]
+    assert pair.server.rekeyStats.renegotiations == 1
+
+
+def test_client_renegotiation_refused_by_default(
+    cert_files: Any, events: Events
+) -> None:
+    pair = Pair(cert_files, "1.2")
+    done = _result(pair.client.renegotiate())
+    pair.pump.flush()
+    assert len(done) == 1 and done[0].check(PeerRefused)
+    assert "no_renegotiation" in str(done[0].value)
+    assert "client_renegotiation_refused" in events.names()
+    assert "renegotiation_refused" in events.names()
+
+
+def test_client_renegotiation_rate_limited(cert_files: Any, events: Events) -> None:
+    class Limited(AllowingServer):
+        clientRenegotiationLimit = (2, 60.0)
+
+    pair = Pair(cert_files, "1.2", serverClass=Limited)
+    for _ in range(2):
+        done = _result(pair.client.renegotiate())
+        pair.pump.flush()
+        assert done == [None]
+        pair.clock.advance(1)
+    third = _result(pair.client.renegotiate())
+    pair.pump.flush()
+    assert len(third) == 1 and third[0].check(PeerRefused)
+    assert pair.server.lost is not None
+    assert pair.server.lost.check(RenegotiationRateLimited)
+    assert "client_renegotiation_rate_limited" in events.names()
+
+
+def test_client_renegotiation_window_slides(cert_files: Any) -> None:
+    class Limited(AllowingServer):
+        clientRenegotiationLimit = (1, 10.0)
+
+    pair = Pair(cert_files, "1.2", serverClass=Limited)
+    for _ in range(3):
+        done = _result(pair.client.renegotiate())
+        pair.pump.flush()
+        assert done == [None]
+        pair.clock.advance(11)
+    assert pair.server.lost is None
+
+
+def test_renegotiation_timeout(cert_files: Any) -> None:
+    pair = Pair(cert_files, "1.2")
+    done = _result(pair.server.renegotiate(timeout=3))
+    pair.clock.advance(3)
+    assert len(done) == 1 and done[0].check(RekeyTimeout)
+    pair.pump.flush()
+    assert pair.server.rekeyStats.renegotiations == 1
+
+
+# -- hooks -------------------------------------------------------------------------
+
+
+def test_hook_errors_are_logged_not_fatal(
+    cert_files: Any, logged_failures: Any
+) -> None:
+    class Broken(Peer):
+        def keyUpdateReceived(self, updateRequested: bool) -> None:
+            raise RuntimeError("application bug")
+
+    pair = Pair(cert_files, serverClass=Broken)
+    done = _result(pair.client.keyUpdate(requestPeer=True))
+    pair.pump.flush()
+    # The answer went out before the hook ran.
+    assert done == [None]
+    assert len(logged_failures.flush(RuntimeError)) == 1
+    assert pair.server.lost is None
+
+
+def test_stats_bytes_and_time(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    pair.clock.advance(100)
+    pair.client.transport.write(b"a" * 1000)  # type: ignore[union-attr]
+    pair.pump.flush()
+    stats = pair.client.rekeyStats
+    assert stats.bytesSent == stats.bytesSentSinceRotation == 1000
+    assert stats.secondsSinceRotation >= 100
+    assert pair.server.rekeyStats.bytesReceivedSinceRotation == 1000
+    pair.client.keyUpdate()
+    pair.pump.flush()
+    stats = pair.client.rekeyStats
+    assert stats.bytesSent == 1000
+    assert stats.bytesSentSinceRotation == 0
+    assert stats.secondsSinceRotation < 1
+    assert pair.server.rekeyStats.bytesReceivedSinceRotation == 0
+
+
+def test_scheduler_entry_point(cert_files: Any, events: Events) -> None:
+    pair = Pair(cert_files)
+    done = _result(pair.client._rekeyNow(True, "policy: test"))
+    pair.pump.flush()
+    assert done == [None]
+    [sent] = [e for e in events.events if e["rekey_event"] == "key_update_sent"]
+    assert sent["reason"] == "policy: test"
+
+
+def test_key_update_type_settles(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    pair.client.keyUpdate(requestPeer=True)
+    pair.pump.flush()
+    for side in (pair.client, pair.server):
+        conn = side.transport.getHandle()  # type: ignore[union-attr]
+        assert int(get_key_update_type(conn)) == -1
+
+
+# -- real sockets, every transport kind, both roles ---------------------------------
+
+
+class StartTLSPeer(Peer):
+    """Speaks one plain line, then switches to TLS (``startTLS``)."""
+
+    options: Any = None
+    isClient = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.plain = bytearray()
+        self.secure = False
+        if self.isClient:
+            self.transport.write(b"STARTTLS\n")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.secure:
+            return super().dataReceived(data)
+        self.plain += data
+        if b"\n" in self.plain:
+            if not self.isClient:
+                self.transport.write(b"GO\n")  # type: ignore[union-attr]
+            self.secure = True
+            self.transport.startTLS(self.options)  # type: ignore[union-attr]
+
+
+async def _exchange(client: Peer, server: Peer, tls13: bool = True) -> None:
+    from twisted.internet import reactor
+
+    async def within(d: defer.Deferred[Any]) -> Any:
+        return await d.addTimeout(TIMEOUT, reactor)
+
+    for us, peer, tag in ((client, server, b"c"), (server, client, b"s")):
+        if tls13:
+            await within(us.keyUpdate(requestPeer=True, timeout=TIMEOUT))
+        else:
+            await within(us.renegotiate(timeout=TIMEOUT))
+        us.transport.write(tag + b"-after")  # type: ignore[union-attr]
+        await within(peer.waitFor(tag + b"-after"))
+    # Hooks run once the read that completed a rotation has ended: one more
+    # round trip makes sure both sides got there.
+    client.transport.write(b"ping")  # type: ignore[union-attr]
+    await within(server.waitFor(b"ping"))
+    server.transport.write(b"pong")  # type: ignore[union-attr]
+    await within(client.waitFor(b"pong"))
+    if tls13:
+        assert client.updates == [False, True]
+        assert server.updates == [True, False]
+        assert client.rekeyStats.keyUpdatesSent == 2
+        assert server.rekeyStats.keyUpdatesSent == 2
+    else:
+        assert client.renegotiationsSeen == server.renegotiationsSeen == 2
+
+
+async def _close(client: Peer, server: Peer, port: Any) -> None:
+    from twisted.internet import reactor
+
+    client.transport.loseConnection()  # type: ignore[union-attr]
+    await defer.gatherResults([client.lostDeferred, server.lostDeferred]).addTimeout(
+        TIMEOUT, reactor
+    )
+    await port.stopListening()
+
+
+class Connected:
+    """Collects the protocol instances a factory builds."""
+
+    def __init__(self, cls: type[Peer]) -> None:
+        self.cls = cls
+        self.built: defer.Deferred[Peer] = defer.Deferred()
+
+    def factory(self) -> protocol.Factory:
+        outer = self
+
+        class F(protocol.ClientFactory):
+            def buildProtocol(self, addr: Any) -> Any:
+                p = outer.cls()
+                p.factory = self
+                p.onHandshake = outer.built
+                return p
+
+        return F()
+
+
+def _serverPeerClass(version: str) -> type[Peer]:
+    return AllowingServer if version == "1.2" else Peer
+
+
+KINDS = ["listenSSL", "endpoints", "wrapClientTLS", "startTLS"]
+
+
+async def _connect(kind: str, cert_files: Any, version: str) -> tuple[Peer, Peer, Any]:
+    from twisted.internet import reactor
+
+    server = Connected(_serverPeerClass(version))
+    client = Connected(Peer)
+    sopts = _server_options(cert_files, version)
+    copts = _client_options(cert_files)
+    if kind == "listenSSL":
+        port = reactor.listenSSL(0, server.factory(), sopts, interface="127.0.0.1")
+        reactor.connectSSL(
+            "127.0.0.1", port.getHost().port, client.factory(), copts, timeout=5
+        )
+    elif kind == "endpoints":
+        spec = (
+            f"ssl:0:interface=127.0.0.1:privateKey={cert_files.server_key}:"
+            f"certKey={cert_files.server_cert}"
+        )
+        if version == "1.2":
+            # The ssl: string has no version switch: use the options object.
+            sep = endpoints.SSL4ServerEndpoint(reactor, 0, sopts, interface="127.0.0.1")
+        else:
+            sep = endpoints.serverFromString(reactor, spec)
+        port = await sep.listen(server.factory())
+        cep = endpoints.clientFromString(
+            reactor,
+            f"ssl:host=127.0.0.1:port={port.getHost().port}:"
+            f"caCertsDir={cert_files.directory}:hostname=localhost:timeout=5",
+        )
+        await cep.connect(client.factory())
+    elif kind == "wrapClientTLS":
+        port = reactor.listenSSL(0, server.factory(), sopts, interface="127.0.0.1")
+        tcp = endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port, timeout=5
+        )
+        await endpoints.wrapClientTLS(copts, tcp).connect(client.factory())
+    else:
+
+        class S(StartTLSPeer, _serverPeerClass(version)):  # type: ignore[misc]
+            options = sopts
+
+        class C(StartTLSPeer):
+            options = copts
+            isClient = True
+
+        server.cls, client.cls = S, C
+        port = reactor.listenTCP(0, server.factory(), interface="127.0.0.1")
+        tcp = endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port, timeout=5
+        )
+        await tcp.connect(client.factory())
+    s = await server.built.addTimeout(TIMEOUT, reactor)
+    c = await client.built.addTimeout(TIMEOUT, reactor)
+    return c, s, port
+
+
+async def _handshaken(c: Peer, s: Peer) -> None:
+    from twisted.internet import reactor
+
+    c.transport.write(b"hello")  # type: ignore[union-attr]
+    await s.waitFor(b"hello").addTimeout(TIMEOUT, reactor)
+    s.transport.write(b"hi")  # type: ignore[union-attr]
+    await c.waitFor(b"hi").addTimeout(TIMEOUT, reactor)
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_real_sockets(cert_files: Any, kind: str, version: str) -> None:
+    c, s, port = await _connect(kind, cert_files, version)
+    try:
+        await _handshaken(c, s)
+        await _exchange(c, s, tls13=version == "1.3")
+        assert IRekeyable.providedBy(c) and IRekeyable.providedBy(s)
+    finally:
+        await _close(c, s, port)
+    assert c.handshakes == s.handshakes == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_sockets_idle_answer(cert_files: Any) -> None:
+    """The peer requests; we write nothing; the answer still arrives."""
+    from twisted.internet import reactor
+
+    c, s, port = await _connect("listenSSL", cert_files, "1.3")
+    try:
+        await _handshaken(c, s)
+        await c.keyUpdate(requestPeer=True).addTimeout(TIMEOUT, reactor)
+        assert s.updates == [True]
+        assert s.rekeyStats.keyUpdatesSent == 1
+    finally:
+        await _close(c, s, port)
+
+
+_unused: Callable[..., Any] = verifyObject

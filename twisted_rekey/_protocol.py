@@ -1,0 +1,899 @@
+"""
+Key update and renegotiation for Twisted protocols, on the TLS transports
+Twisted already makes (``listenSSL``/``connectSSL``, ``ssl:`` endpoints,
+``wrapClientTLS`` with ``optionsForClientTLS``, ``startTLS``, and the
+buffering TLS transport Twisted uses by default).
+
+:class:`RekeyProtocolMixin` watches one connection through a *per-connection*
+OpenSSL info callback (it fires once per handshake message, never per data
+record, so watching costs nothing on bulk data), answers a peer's
+KeyUpdate(update_requested) as soon as the read that carried it ends (OpenSSL
+alone waits for the application's next write), and turns this side's
+rotations into Deferreds and ``twisted.logger`` events.
+
+This module must never replace a callback somebody else installed (it chains
+to the Context's and the Connection's own info callbacks, which is where
+older Twisted releases verify host names), never let an exception cross into
+C, never allow insecure legacy renegotiation, and never import the reactor at
+module level.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from ._binding import ffi, lib
+from ._connection import (
+    OP_ALLOW_CLIENT_RENEGOTIATION,
+    KeyUpdateType,
+    get_key_update_type,
+    handshake_complete,
+    key_update,
+    protocol_version,
+    renegotiate,
+    renegotiate_abbreviated,
+    renegotiate_pending,
+)
+from ._interfaces import IRekeyable
+from .exceptions import (
+    ConnectionStateError,
+    KeyUpdateFlood,
+    PeerRefused,
+    RekeyError,
+    RekeyTimeout,
+    RenegotiationRateLimited,
+)
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import ITransport
+
+__all__ = ["RekeyProtocolMixin", "RekeyStats"]
+
+_log = Logger()
+
+# TLS alert no_renegotiation (RFC 5246 §7.2.2).
+_ALERT_NO_RENEGOTIATION = 100
+
+_CB_LOOP = int(lib.SSL_CB_LOOP)
+_ST_CONNECT = int(lib.SSL_ST_CONNECT)
+_ST_ACCEPT = int(lib.SSL_ST_ACCEPT)
+_CB_HANDSHAKE_START = int(lib.SSL_CB_HANDSHAKE_START)
+_CB_HANDSHAKE_DONE = int(lib.SSL_CB_HANDSHAKE_DONE)
+_CB_ALERT = int(lib.SSL_CB_ALERT)
+# SSL_CB_READ (4): in SSL_CB_READ_ALERT but not in SSL_CB_WRITE_ALERT.
+_CB_READ = int(lib.SSL_CB_READ_ALERT) & ~_CB_ALERT
+
+
+@dataclass(frozen=True)
+class RekeyStats:
+    """
+    A snapshot of one connection's key rotations.
+
+    "Sent" keys are this side's sending keys (rotated by our KeyUpdates,
+    answers included, and by renegotiations); "received" keys are the
+    peer's.  Byte counts are application bytes, before TLS framing.
+
+    .. versionadded:: 0.1.0
+    """
+
+    #: KeyUpdates this side sent (answers to the peer's requests included).
+    keyUpdatesSent: int
+    #: KeyUpdates received from the peer.
+    keyUpdatesReceived: int
+    #: KeyUpdates this side sent with update_requested.
+    keyUpdatesRequested: int
+    #: Renegotiations completed after the initial handshake (either side's).
+    renegotiations: int
+    #: Application bytes handed to TLS in total.
+    bytesSent: int
+    #: Application bytes received in total.
+    bytesReceived: int
+    #: Application bytes sent since this side's sending keys last changed.
+    bytesSentSinceRotation: int
+    #: Application bytes received since the peer's sending keys last changed.
+    bytesReceivedSinceRotation: int
+    #: Clock time of the last rotation in either direction (or of the
+    #: handshake), ``None`` before the handshake completed.
+    lastRotation: Optional[float]
+    #: Seconds since :attr:`lastRotation` (0.0 before the handshake).
+    secondsSinceRotation: float
+
+
+def _findTLS(transport: object) -> TLSMemoryBIOProtocol | None:
+    """
+    The :class:`TLSMemoryBIOProtocol` that owns the memory BIO: the
+    protocol's transport itself (``listenSSL``, endpoints,
+    ``wrapClientTLS``), or the TCP transport's protocol after ``startTLS``.
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return transport
+    inner = getattr(transport, "protocol", None)
+    if isinstance(inner, TLSMemoryBIOProtocol):
+        return inner
+    return None
+
+
+class _Watcher:
+    """
+    Everything the mixin keeps per connection: the info callback, the
+    wrappers around the TLS protocol's read, write and loss, the counters
+    and the Deferreds waiting on the peer.
+    """
+
+    def __init__(
+        self,
+        owner: RekeyProtocolMixin,
+        tls: Any,
+        conn: SSL.Connection,
+        clock: Any,
+    ) -> None:
+        self.owner = owner
+        self.tls = tls
+        self.conn = conn
+        self.clock = clock
+        # Learnt from the role bits of the info callback's *where*.
+        self.isClient: bool | None = None
+        self.lost = False
+
+        self.sent = 0
+        self.received = 0
+        self.requested = 0
+        self.renegotiations = 0
+        self.bytesSent = 0
+        self.bytesReceived = 0
+        self.bytesSentMark = 0
+        self.bytesReceivedMark = 0
+        self.lastRotation: float | None = None
+
+        self.initialDone = handshake_complete(conn)
+        self.handshakeNoted = False
+        self.requestOutstanding = False
+        self.peerWaiters: list[_Waiter] = []
+        self.renegWaiters: list[_Waiter] = []
+        self.renegInProgress = False
+        self.renegOurs = False
+
+        # Filled by the info callback (inside SSL_read/SSL_do_handshake),
+        # acted on by _process() once the TLS protocol's read has returned.
+        self.dirty = False
+        self.peerUpdates: list[bool] = []
+        self.renegStarts = 0
+        self.renegDone = 0
+        self.refused = False
+        self.refusedByUs = False
+        self.callbackErrors: list[BaseException] = []
+        self.inARow = 0
+        self.floodReason: str | None = None
+        self.updateTimes: deque[float] = deque()
+        self.clientRenegTimes: deque[float] = deque()
+        self.abuseReason: str | None = None
+
+        if self.initialDone:
+            self.lastRotation = clock.seconds()
+
+        # OpenSSL calls the SSL's own info callback *instead of* the
+        # Context's: chain to whichever one was in effect, so that host name
+        # checks living there (Twisted < 24) keep running exactly as before.
+        previous = getattr(conn, "_info_callback", None)
+        if previous is None:
+            previous = getattr(getattr(conn, "_context", None), "_info_callback", None)
+        self.previous: Any = previous
+        self.callback = ffi.callback(
+            "void (*)(const SSL *, int, int)", self.infoCallback
+        )
+        # The SSL* outlives nothing that does not hold the Connection: keep
+        # the callback referenced there, as pyOpenSSL does with its own.
+        conn._rekeyInfoCallback = self.callback  # type: ignore[attr-defined]
+        lib.SSL_set_info_callback(conn._ssl, self.callback)
+
+        if owner.allowClientRenegotiation:
+            # Only servers look at this option.
+            conn.set_options(OP_ALLOW_CLIENT_RENEGOTIATION)
+
+        # Instance attributes shadow the class's methods, for this
+        # connection only; BufferingTLSTransport does the same with write.
+        self.tlsDataReceived = tls.dataReceived
+        self.tlsConnectionLost = tls.connectionLost
+        self.tlsWrite = tls._write
+        tls.dataReceived = self.dataReceived  # type: ignore[method-assign]
+        tls.connectionLost = self.connectionLost  # type: ignore[method-assign]
+        tls._write = self.write  # type: ignore[method-assign]
+        protocol: Any = owner
+        self.appDataReceived = protocol.dataReceived
+        protocol.dataReceived = self.appData
+
+    # -- inside OpenSSL: record only, never raise, never call SSL_* that
+    # -- could re-enter the state machine.
+
+    def infoCallback(self, ssl: Any, where: int, ret: int) -> None:
+        previous = self.previous
+        if previous is not None:
+            previous(ssl, where, ret)
+        try:
+            self.observe(ssl, where, ret)
+        except BaseException as e:
+            self.callbackErrors.append(e)
+            self.dirty = True
+
+    def observe(self, ssl: Any, where: int, ret: int) -> None:
+        if where & _ST_CONNECT:
+            self.isClient = True
+        elif where & _ST_ACCEPT:
+            self.isClient = False
+        if where & _CB_LOOP:
+            state = ffi.string(lib.SSL_state_string_long(ssl))
+            if state.endswith(b"key update"):
+                if b" read " in state:
+                    # Right after reading it, a pending update_not_requested
+                    # on our side means the peer asked us to answer.
+                    requested = (
+                        get_key_update_type(self.conn) == KeyUpdateType.NOT_REQUESTED
+                    )
+                    self.peerUpdates.append(requested)
+                    self.inARow += 1
+                    limit = self.owner.keyUpdateFloodLimit
+                    if limit is not None and self.inARow > limit:
+                        self.floodReason = (
+                            f"{self.inARow} KeyUpdates in a row without "
+                            f"application data (limit {limit})"
+                        )
+                    self.checkRate()
+                    self.dirty = True
+                elif b" write " in state:
+                    self.noteSent()
+        if where & _CB_HANDSHAKE_START and self.initialDone:
+            self.renegInProgress = True
+            if not self.renegOurs:
+                self.renegStarts += 1
+            self.dirty = True
+        if where & _CB_HANDSHAKE_DONE:
+            if self.initialDone:
+                # TLS 1.2 reports a finished handshake after a server's
+                # HelloRequest too; the renegotiation is still pending then.
+                if not renegotiate_pending(self.conn):
+                    self.renegDone += 1
+            else:
+                self.initialDone = True
+            self.dirty = True
+        if where & _CB_ALERT and (ret & 0xFF) == _ALERT_NO_RENEGOTIATION:
+            if where & _CB_READ:
+                self.refused = True
+            else:
+                self.refusedByUs = True
+            self.dirty = True
+
+    def checkRate(self) -> None:
+        rate = self.owner.keyUpdateRateLimit
+        if rate is None:
+            return
+        count, window = rate
+        now = self.clock.seconds()
+        times = self.updateTimes
+        times.append(now)
+        while times and times[0] <= now - window:
+            times.popleft()
+        if len(times) > count:
+            self.floodReason = (
+                f"{len(times)} KeyUpdates within {window} s (limit {count})"
+            )
+
+    def noteClientRenegotiation(self) -> None:
+        count, window = self.owner.clientRenegotiationLimit
+        now = self.clock.seconds()
+        times = self.clientRenegTimes
+        times.append(now)
+        while times and times[0] <= now - window:
+            times.popleft()
+        if len(times) > count:
+            self.abuseReason = (
+                f"{len(times)} client-initiated renegotiations within "
+                f"{window} s (limit {count})"
+            )
+
+    def noteSent(self) -> None:
+        self.sent += 1
+        self.bytesSentMark = self.bytesSent
+        self.lastRotation = self.clock.seconds()
+
+    # -- wrappers around the TLS protocol and the application protocol
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tlsDataReceived(data)
+        if self.dirty:
+            self.process()
+
+    def appData(self, data: bytes) -> None:
+        self.inARow = 0
+        self.bytesReceived += len(data)
+        self.appDataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        buffered = self.tls._appSendBuffer
+        before = len(buffered)
+        self.tlsWrite(data)
+        after = self.tls._appSendBuffer
+        # Bytes OpenSSL could not take yet are re-buffered and counted when
+        # they go through here again.
+        unsent = len(after[-1]) if after is buffered and len(after) > before else 0
+        self.bytesSent += len(data) - unsent
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            self.tlsConnectionLost(reason)
+        finally:
+            self.lose(reason)
+
+    def lose(self, reason: Failure) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        if self.dirty:
+            self.processEvents(answer=False)
+        if self.refused:
+            message = "the peer refused to renegotiate (no_renegotiation alert)"
+        else:
+            message = "the connection was lost before the rekey completed"
+        for waiter in self.peerWaiters + self.renegWaiters:
+            error = PeerRefused(message)
+            error.__cause__ = reason.value
+            waiter.fail(error)
+        self.peerWaiters = []
+        self.renegWaiters = []
+        try:
+            self.owner._rekeyConnectionLost(reason)
+        except Exception:
+            _log.failure("in _rekeyConnectionLost", rekey_event="hook_error")
+
+    # -- after the read: act on what the callback recorded
+
+    def process(self) -> None:
+        self.processEvents(answer=True)
+
+    def processEvents(self, answer: bool) -> None:
+        self.dirty = False
+        errors, self.callbackErrors = self.callbackErrors, []
+        for error in errors:
+            _log.failure(
+                "twisted_rekey's info callback failed",
+                Failure(error),  # type: ignore[no-untyped-call]
+                rekey_event="callback_error",
+            )
+        if errors and not self.lost:
+            self.drop(RekeyError(f"internal error while watching: {errors[0]!r}"))
+            return
+
+        if self.initialDone and not self.handshakeNoted:
+            self.noteHandshake()
+
+        updates, self.peerUpdates = self.peerUpdates, []
+        if updates and answer and any(updates) and not self.closing():
+            self.answer()
+        for requested in updates:
+            self.received += 1
+            self.bytesReceivedMark = self.bytesReceived
+            self.lastRotation = self.clock.seconds()
+            _log.info(
+                "peer sent a KeyUpdate (update_requested={requested})",
+                rekey_event="key_update_received",
+                requested=requested,
+                count=self.received,
+            )
+            if self.requestOutstanding:
+                self.requestOutstanding = False
+                waiters, self.peerWaiters = self.peerWaiters, []
+                for waiter in list(waiters):
+                    waiter.succeed()
+            self.callHook(self.owner.keyUpdateReceived, requested)
+
+        if self.floodReason is not None and not self.lost:
+            reason, self.floodReason = self.floodReason, None
+            _log.warn(
+                "dropping a peer that floods KeyUpdates: {reason}",
+                rekey_event="key_update_flood",
+                reason=reason,
+            )
+            self.drop(KeyUpdateFlood(reason))
+            return
+
+        starts, self.renegStarts = self.renegStarts, 0
+        for _ in range(starts):
+            if self.isClient is False:
+                self.noteClientRenegotiation()
+            _log.info(
+                "peer started a renegotiation",
+                rekey_event="renegotiation_started_by_peer",
+            )
+
+        if self.abuseReason is not None and not self.lost:
+            reason, self.abuseReason = self.abuseReason, None
+            _log.warn(
+                "dropping a client that renegotiates too often: {reason}",
+                rekey_event="client_renegotiation_rate_limited",
+                reason=reason,
+            )
+            self.drop(RenegotiationRateLimited(reason))
+            return
+
+        if self.refusedByUs:
+            self.refusedByUs = False
+            _log.info(
+                "refused a client-initiated renegotiation (not allowed)",
+                rekey_event="client_renegotiation_refused",
+            )
+        if self.refused:
+            _log.warn(
+                "the peer refused to renegotiate",
+                rekey_event="renegotiation_refused",
+            )
+
+        done, self.renegDone = self.renegDone, 0
+        for _ in range(done):
+            self.renegotiations += 1
+            self.renegInProgress = False
+            self.renegOurs = False
+            self.bytesSentMark = self.bytesSent
+            self.bytesReceivedMark = self.bytesReceived
+            self.lastRotation = self.clock.seconds()
+            _log.info(
+                "renegotiation completed ({version})",
+                rekey_event="renegotiation_completed",
+                version=protocol_version(self.conn),
+                count=self.renegotiations,
+            )
+            waiters, self.renegWaiters = self.renegWaiters, []
+            for waiter in list(waiters):
+                waiter.succeed()
+            self.callHook(self.owner.renegotiationCompleted)
+
+    def callHook(self, hook: Callable[..., object], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            _log.failure(
+                "the application's {hook} raised",
+                hook=getattr(hook, "__name__", repr(hook)),
+                rekey_event="hook_error",
+            )
+
+    def noteHandshake(self) -> None:
+        self.handshakeNoted = True
+        if self.lastRotation is None:
+            self.lastRotation = self.clock.seconds()
+        self.callHook(self.owner._rekeyHandshakeCompleted)
+
+    def answer(self) -> None:
+        """
+        Send the answer the peer asked for, unless an application write in
+        the same read already carried it.
+        """
+        if get_key_update_type(self.conn) != KeyUpdateType.NOT_REQUESTED:
+            return
+        try:
+            key_update(self.conn, False)
+        except (RekeyError, SSL.Error):
+            _log.failure(
+                "could not answer the peer's KeyUpdate",
+                rekey_event="key_update_answer_failed",
+            )
+            return
+        self.flush()
+        _log.info(
+            "answered the peer's KeyUpdate request",
+            rekey_event="key_update_answered",
+        )
+
+    # -- our own rotations
+
+    def closing(self) -> bool:
+        tls = self.tls
+        return bool(
+            self.lost
+            or tls.disconnecting
+            or not tls.connected
+            or tls._lostTLSConnection
+            or tls._tlsConnection is None
+        )
+
+    def flushApplication(self) -> None:
+        # BufferingTLSTransport holds small writes until the next reactor
+        # turn: push them into TLS first, so they go under the old key.
+        aggregator = getattr(self.tls, "_aggregator", None)
+        if aggregator is not None:
+            aggregator.flush()
+
+    def flush(self) -> None:
+        flushSendBIO = getattr(self.tls, "_flushSendBIO", None)
+        if flushSendBIO is None:
+            raise ConnectionStateError(
+                "this Twisted's TLS transport has no _flushSendBIO(): "
+                "twisted_rekey cannot send a handshake message while idle"
+            )
+        flushSendBIO()
+
+    def keyUpdate(
+        self, requestPeer: bool, timeout: float | None, reason: str
+    ) -> Deferred[None]:
+        if self.closing():
+            return fail(
+                ConnectionStateError(
+                    "keyUpdate() after loseConnection() or connection loss"
+                )
+            )
+        # Never two update_requested outstanding (openssl#32283): a second
+        # request while one is unanswered rotates our keys again without
+        # asking, and waits for the same answer.
+        send = requestPeer and not self.requestOutstanding
+        try:
+            self.flushApplication()
+            key_update(self.conn, send)
+            self.flush()
+        except Exception:
+            return fail()
+        if send:
+            self.requestOutstanding = True
+            self.requested += 1
+        _log.info(
+            "sent a KeyUpdate (update_requested={requested}, reason: {reason})",
+            rekey_event="key_update_sent",
+            requested=send,
+            waitingForPeer=requestPeer,
+            reason=reason,
+        )
+        if not requestPeer:
+            return succeed(None)
+        return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
+
+    def renegotiate(
+        self, abbreviated: bool, timeout: float | None, reason: str
+    ) -> Deferred[None]:
+        if self.closing():
+            return fail(
+                ConnectionStateError(
+                    "renegotiate() after loseConnection() or connection loss"
+                )
+            )
+        if not (self.renegInProgress or renegotiate_pending(self.conn)):
+            try:
+                self.flushApplication()
+                self.renegOurs = True
+                if abbreviated:
+                    renegotiate_abbreviated(self.conn)
+                else:
+                    renegotiate(self.conn)
+                self.renegInProgress = True
+                self.flush()
+            except Exception:
+                self.renegOurs = False
+                return fail()
+            _log.info(
+                "started a renegotiation (abbreviated={abbreviated}, reason: {reason})",
+                rekey_event="renegotiation_started",
+                abbreviated=abbreviated,
+                reason=reason,
+            )
+        # A renegotiation already running (ours or the peer's) gives new
+        # keys both ways when it completes: wait for that one.
+        return _Waiter(self, self.renegWaiters, timeout, "the renegotiation").deferred
+
+    def drop(self, error: RekeyError) -> None:
+        failVerification = getattr(self.tls, "failVerification", None)
+        if failVerification is not None:
+            # Sets the reason the application's connectionLost receives.
+            failVerification(Failure(error))  # type: ignore[no-untyped-call]
+        else:  # pragma: no cover - every TLSMemoryBIOProtocol has it
+            self.tls.abortConnection()
+
+    def stats(self) -> RekeyStats:
+        now = self.clock.seconds()
+        return RekeyStats(
+            keyUpdatesSent=self.sent,
+            keyUpdatesReceived=self.received,
+            keyUpdatesRequested=self.requested,
+            renegotiations=self.renegotiations,
+            bytesSent=self.bytesSent,
+            bytesReceived=self.bytesReceived,
+            bytesSentSinceRotation=self.bytesSent - self.bytesSentMark,
+            bytesReceivedSinceRotation=self.bytesReceived - self.bytesReceivedMark,
+            lastRotation=self.lastRotation,
+            secondsSinceRotation=(
+                0.0 if self.lastRotation is None else now - self.lastRotation
+            ),
+        )
+
+
+class _Waiter:
+    """One Deferred waiting on the peer, with its optional timeout."""
+
+    def __init__(
+        self,
+        watcher: Any,
+        queue: list[_Waiter],
+        timeout: float | None,
+        what: str,
+    ) -> None:
+        self.queue = queue
+        self.deferred: Deferred[None] = Deferred(self.cancel)
+        self.timer: Any = None
+        if timeout is not None:
+            self.timer = watcher.clock.callLater(timeout, self.timedOut, timeout, what)
+        queue.append(self)
+
+    def cancel(self, _: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self in self.queue:
+            self.queue.remove(self)
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def timedOut(self, timeout: float, what: str) -> None:
+        self.timer = None
+        self.stop()
+        _log.warn(
+            "gave up waiting for {what} after {timeout} s",
+            rekey_event="rekey_timeout",
+            what=what,
+            timeout=timeout,
+        )
+        self.deferred.errback(RekeyTimeout(f"{what} did not arrive within {timeout} s"))
+
+    def succeed(self) -> None:
+        self.stop()
+        self.deferred.callback(None)
+
+    def fail(self, error: Exception) -> None:
+        self.stop()
+        self.deferred.errback(error)
+
+
+@implementer(IRekeyable, IHandshakeListener)
+class RekeyProtocolMixin:
+    """
+    Key update and renegotiation for a Twisted protocol running over TLS.
+
+    Put it first among the bases, ``class Echo(RekeyProtocolMixin, Protocol)``.
+    The mixin starts watching the connection when it is made over TLS, or,
+    after ``startTLS``, when the handshake completes (it implements
+    :class:`~twisted.internet.interfaces.IHandshakeListener`; a subclass that
+    overrides :meth:`handshakeCompleted` or :meth:`makeConnection` must call
+    up).  It does not need ``connectionMade``, ``dataReceived`` or
+    ``connectionLost`` to call up.
+
+    Behaviour in the awkward cases:
+
+    * A second :meth:`keyUpdate` with *requestPeer* while an earlier request
+      is unanswered sends a KeyUpdate that does not ask again (at most one
+      update_requested is ever outstanding) and fires with the same answer.
+      Without *requestPeer*, each call sends its own KeyUpdate.
+    * :meth:`keyUpdate` on a TLS 1.2 connection (renegotiating or not) fails
+      with :class:`~twisted_rekey.WrongProtocolVersion`;
+      :meth:`renegotiate` while a renegotiation (either side's) is running
+      starts no new one and fires when the running one completes.
+    * After ``loseConnection()``, calls fail with
+      :class:`~twisted_rekey.ConnectionStateError`; Deferreds still waiting
+      when the connection is lost fail with
+      :class:`~twisted_rekey.PeerRefused`.
+    * Before the handshake completed, calls fail with
+      :class:`~twisted_rekey.ConnectionStateError`.
+    * While the application writes nothing, the mixin writes the TLS bytes
+      of every rotation (its own, and its answers to the peer's requests)
+      to the transport itself.
+
+    Configuration, as class or instance attributes:
+
+    :ivar clock: the :class:`~twisted.internet.interfaces.IReactorTime`
+        for timeouts and figures; the global reactor when ``None``.
+    :ivar allowClientRenegotiation: as a server, accept renegotiations the
+        client starts (OpenSSL 3 refuses them by default).
+    :ivar clientRenegotiationLimit: ``(count, seconds)``: a client starting
+        more renegotiations than *count* within *seconds* is disconnected.
+    :ivar keyUpdateFloodLimit: disconnect a peer that sends more than this
+        many KeyUpdates in a row without application data (``None``: no
+        bound).  32, as rustls and BoringSSL.
+    :ivar keyUpdateRateLimit: ``(count, seconds)``: disconnect a peer that
+        sends more than *count* KeyUpdates within *seconds* (``None``: no
+        bound).
+
+    .. versionadded:: 0.1.0
+    """
+
+    clock: IReactorTime | None = None
+    allowClientRenegotiation: bool = False
+    clientRenegotiationLimit: tuple[int, float] = (3, 600.0)
+    keyUpdateFloodLimit: int | None = 32
+    keyUpdateRateLimit: tuple[int, float] | None = (64, 1.0)
+
+    _rekeyWatcher: _Watcher | None = None
+    transport: ITransport | None
+
+    # -- Twisted's calls into the protocol
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """
+        Connect as :class:`~twisted.internet.protocol.Protocol` does, then
+        start watching if the transport is already TLS.
+        """
+        super().makeConnection(transport)  # type: ignore[misc]
+        self._rekeyAttach()
+
+    def handshakeCompleted(self) -> None:
+        """
+        Start watching if not yet (after ``startTLS``), and note the
+        completed handshake.
+        """
+        watcher = self._rekeyAttach()
+        if watcher is not None and not watcher.handshakeNoted:
+            watcher.initialDone = True
+            watcher.noteHandshake()
+
+    # -- public API
+
+    def keyUpdate(
+        self, requestPeer: bool = False, timeout: float | None = None
+    ) -> Deferred[None]:
+        """
+        Send a TLS 1.3 KeyUpdate, so that this side's sending keys change.
+
+        Application bytes written before this call are encrypted under the
+        old keys, bytes written after it under the new ones.
+
+        :param requestPeer: also ask the peer to update its own sending keys
+            (KeyUpdate(update_requested)); the Deferred then fires only when
+            the peer's KeyUpdate has arrived.
+        :param timeout: with *requestPeer*, seconds to wait for the peer
+            before failing with :class:`~twisted_rekey.RekeyTimeout` (the
+            connection stays open, and the request stays outstanding).
+        :returns: a Deferred that fires with ``None`` once the KeyUpdate has
+            been handed to the underlying transport (with *requestPeer*:
+            once the peer's KeyUpdate arrived).  It fails with
+            :class:`~twisted_rekey.WrongProtocolVersion` on TLS 1.2,
+            :class:`~twisted_rekey.ConnectionStateError` before the
+            handshake or after ``loseConnection()``,
+            :class:`~twisted_rekey.FunctionUnavailable` where OpenSSL's
+            ``SSL_key_update`` cannot be reached, and
+            :class:`~twisted_rekey.PeerRefused` if the connection is lost
+            while waiting.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._rekeyCall(
+            lambda w: w.keyUpdate(bool(requestPeer), timeout, "application")
+        )
+
+    def renegotiate(
+        self, abbreviated: bool = False, timeout: float | None = None
+    ) -> Deferred[None]:
+        """
+        Renegotiate a TLS 1.2 (or older) connection: a new handshake, new
+        keys both ways.
+
+        :param abbreviated: resume the current session (fresh randoms, no
+            new key exchange): cheaper, but no new key exchange.
+        :param timeout: seconds to wait for the new handshake to complete
+            before failing with :class:`~twisted_rekey.RekeyTimeout`.
+        :returns: a Deferred that fires with ``None`` when the new handshake
+            has completed.  It fails with
+            :class:`~twisted_rekey.PeerRefused` when the peer refuses (a
+            server that does not allow client-initiated renegotiation) or
+            the connection drops first,
+            :class:`~twisted_rekey.WrongProtocolVersion` on TLS 1.3,
+            :class:`~twisted_rekey.InsecureRenegotiation` if the peer lacks
+            RFC 5746, and :class:`~twisted_rekey.ConnectionStateError`
+            before the handshake or after ``loseConnection()``.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._rekeyCall(
+            lambda w: w.renegotiate(bool(abbreviated), timeout, "application")
+        )
+
+    def rekey(
+        self, requestPeer: bool = False, timeout: float | None = None
+    ) -> Deferred[None]:
+        """
+        Rotate the keys the way the negotiated version allows:
+        :meth:`keyUpdate` on TLS 1.3, a full :meth:`renegotiate` on TLS 1.2
+        and older (*requestPeer* is then moot: both directions change).
+
+        .. versionadded:: 0.1.0
+        """
+        return self._rekeyNow(requestPeer, "application", timeout)
+
+    @property
+    def rekeyStats(self) -> RekeyStats:
+        """
+        This connection's figures, as a :class:`RekeyStats` snapshot (all
+        zero before the mixin started watching).
+
+        .. versionadded:: 0.1.0
+        """
+        watcher = self._rekeyWatcher
+        if watcher is None:
+            return RekeyStats(0, 0, 0, 0, 0, 0, 0, 0, None, 0.0)
+        return watcher.stats()
+
+    # -- hooks for the application
+
+    def keyUpdateReceived(self, updateRequested: bool) -> None:
+        """
+        Called when a KeyUpdate from the peer has been read (its sending keys
+        changed).  When *updateRequested*, the answer has already been sent.
+
+        .. versionadded:: 0.1.0
+        """
+
+    def renegotiationCompleted(self) -> None:
+        """
+        Called when a renegotiation (started by either side) has completed.
+
+        .. versionadded:: 0.1.0
+        """
+
+    # -- internal hooks for the rotation scheduler
+
+    def _rekeyHandshakeCompleted(self) -> None:
+        """Called once, when the initial handshake has completed."""
+
+    def _rekeyConnectionLost(self, reason: Failure) -> None:
+        """Called once, when the connection is lost (after the protocol)."""
+
+    def _rekeyNow(
+        self, requestPeer: bool, reason: str, timeout: float | None = None
+    ) -> Deferred[None]:
+        """
+        Rotate now, as :meth:`rekey`, logging *reason* (such as
+        ``"policy: 1 GiB sent"``) with the event.
+        """
+
+        def go(watcher: _Watcher) -> Deferred[None]:
+            if protocol_version(watcher.conn) == "TLSv1.3":
+                return watcher.keyUpdate(bool(requestPeer), timeout, reason)
+            return watcher.renegotiate(False, timeout, reason)
+
+        return self._rekeyCall(go)
+
+    # -- plumbing
+
+    def _rekeyCall(self, call: Callable[[_Watcher], Deferred[None]]) -> Deferred[None]:
+        try:
+            watcher = self._rekeyAttach()
+            if watcher is None:
+                raise ConnectionStateError("the transport is not (yet) TLS")
+            return call(watcher)
+        except Exception:
+            return fail()
+
+    def _rekeyAttach(self) -> _Watcher | None:
+        watcher = self._rekeyWatcher
+        if watcher is not None:
+            return watcher
+        transport = getattr(self, "transport", None)
+        tls = _findTLS(transport)
+        if tls is None:
+            return None
+        conn = tls._tlsConnection
+        if conn is None or getattr(conn, "_rekeyInfoCallback", None) is not None:
+            return None
+        # The clock given to the mixin, else the one Twisted's TLS factory
+        # was given (the buffering transport runs on it), else the reactor.
+        clock = self.clock
+        if clock is None:
+            clock = getattr(tls.factory, "_clock", None)
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        watcher = self._rekeyWatcher = _Watcher(self, tls, conn, clock)
+        return watcher
