@@ -149,6 +149,9 @@ def _probe(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print(f"{_PROG} probe: error: --timeout must be positive", file=sys.stderr)
         return EXIT_USAGE
+    if args.wait is not None and args.wait <= 0:
+        print(f"{_PROG} probe: error: --wait must be positive", file=sys.stderr)
+        return EXIT_USAGE
     versions: Sequence[str] = ("1.3", "1.2")
     if args.tls_version:
         versions = (args.tls_version,)
@@ -160,6 +163,7 @@ def _probe(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         versions=versions,
         timeout=args.timeout,
+        wait=min(args.timeout, 1.0) if args.wait is None else args.wait,
         payload=args.send.encode("utf-8"),
     )
     try:
@@ -261,6 +265,14 @@ def _parser() -> _Parser:
         default=5.0,
         metavar="SECONDS",
         help="bound on each connect, handshake and wait (default: 5)",
+    )
+    pr.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long to wait for an answer the server may never send (to "
+        "data it does not echo; alerts after a key change) (default: 1, at "
+        "most --timeout)",
     )
     pr.add_argument(
         "--send",

@@ -148,6 +148,9 @@ class ProbeOptions:
     insecure: bool = False
     versions: Sequence[str] = ("1.3", "1.2")
     timeout: float = 5.0
+    #: How long to wait for an answer the server may never send (to data it
+    #: does not echo, or for alerts after a key change); at most *timeout*.
+    wait: float = 1.0
     payload: bytes = b"twisted-rekey probe\n"
 
 
@@ -623,10 +626,10 @@ def _baseline(
     then learn how it answers our payload while the keys are the original
     ones, so that what follows is about the key change only.
     """
-    quiet = min(options.timeout, 1.0)
+    quiet = min(options.timeout, options.wait)
     payload = options.payload
     try:
-        channel.read(time.monotonic() + quiet, quiet=0.1)
+        channel.read(time.monotonic() + quiet, quiet=min(quiet, 0.1))
         if not payload:
             return _Baseline(payload, b"")
         channel.send(payload, time.monotonic() + options.timeout)
@@ -667,7 +670,7 @@ def _exchange(
     return channel.read(
         time.monotonic() + options.timeout,
         until=until,
-        quiet=None if base.reply else min(options.timeout, 1.0),
+        quiet=None if base.reply else min(options.timeout, options.wait),
     )
 
 
