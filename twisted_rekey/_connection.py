@@ -228,6 +228,12 @@ def _flush_handshake(conn: SSL.Connection) -> None:
         # Expected after a renegotiation: the rest arrives with the peer's
         # answer and completes inside the application's next read.
         pass
+    except SSL.Error as e:
+        # On a blocking socket a client's renegotiation runs to its end here,
+        # so the server's refusal arrives here too.
+        if "no renegotiation" in str(e):
+            raise PeerRefused(f"the peer refused to renegotiate: {e}") from e
+        raise
 
 
 def key_update(conn: SSL.Connection, request_peer: UpdateType = False) -> None:
@@ -351,7 +357,9 @@ def renegotiate(conn: SSL.Connection) -> None:
     :raises InsecureRenegotiation: if the peer lacks RFC 5746 support.
     :raises ConnectionStateError: before the handshake completed, or after
         shutdown.
-    :raises PeerRefused: if OpenSSL reports renegotiation switched off.
+    :raises PeerRefused: if renegotiation is switched off on this
+        connection, or (on a blocking socket, where the handshake runs to its
+        end at once) the peer answered ``no_renegotiation``.
     :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
 
     .. versionadded:: 0.1.0

@@ -1,0 +1,301 @@
+"""
+The pyOpenSSL layer against TLS stacks nobody here wrote: ``openssl
+s_server``/``s_client`` (OpenSSL 3.0 CLI) and ``gnutls-serv`` (GnuTLS).  Each
+rekey counts only when the *foreign* side reports it received it, and data
+still flows both ways afterwards.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from memorypair import watch
+from OpenSSL import SSL
+from peers import (
+    OPENSSL_KEY_UPDATE_RECEIVED,
+    CertFiles,
+    GnuTLSServer,
+    OpenSSLClient,
+    OpenSSLServer,
+)
+
+from twisted_rekey import KeyUpdateType, PeerRefused, RekeyConnection
+
+TIMEOUT = 10
+
+
+def _bounded(sock: socket.socket) -> None:
+    # Blocking for pyOpenSSL, but no read or write waits more than TIMEOUT.
+    sock.settimeout(None)
+    timeval = struct.pack("ll", TIMEOUT, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+@contextmanager
+def _connect(
+    certs: CertFiles, address: tuple[str, int], version: int
+) -> Iterator[RekeyConnection]:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(version)
+    ctx.set_max_proto_version(version)
+    ctx.load_verify_locations(str(certs.ca_cert))
+    ctx.set_verify(SSL.VERIFY_PEER)
+    sock = socket.create_connection(address, timeout=TIMEOUT)
+    _bounded(sock)
+    conn = RekeyConnection(ctx, sock)
+    conn.seen = watch(conn)  # type: ignore[attr-defined]
+    conn.set_connect_state()
+    conn.do_handshake()
+    try:
+        yield conn
+    finally:
+        try:
+            conn.shutdown()
+        except SSL.Error:
+            pass
+        sock.close()
+
+
+def _read_until(conn: RekeyConnection, marker: bytes) -> bytes:
+    got = b""
+    while marker not in got:
+        got += conn.recv(65536)
+    return got
+
+
+# -- openssl s_server receives ours ---------------------------------------------
+
+
+@pytest.mark.parametrize("request_peer", [False, True])
+def test_s_server_sees_our_key_update(
+    cert_files: CertFiles, request_peer: bool
+) -> None:
+    with OpenSSLServer(cert_files, version="1.3") as server:
+        with _connect(cert_files, server.address, SSL.TLS1_3_VERSION) as conn:
+            server.expect_handshake()
+            conn.key_update(request_peer)
+            assert server.expect_key_update(request_peer) is request_peer
+            conn.sendall(b"client data after update\n")
+            server.expect(r"client data after update")
+            server.send_line("server data after update")
+            assert b"server data after update" in _read_until(conn, b"update\n")
+            # s_server answers a requested update with its next write.
+            assert conn.seen.count("read server key update") == int(request_peer)
+
+
+def test_s_server_sees_our_renegotiation(cert_files: CertFiles) -> None:
+    with OpenSSLServer(cert_files, version="1.2", client_renegotiation=True) as server:
+        with _connect(cert_files, server.address, SSL.TLS1_2_VERSION) as conn:
+            server.expect_handshake()
+            conn.renegotiate()
+            server.expect_renegotiation()
+            conn.sendall(b"after renegotiation\n")
+            server.expect(r"after renegotiation")
+            server.send_line("reply")
+            assert b"reply" in _read_until(conn, b"reply")
+            assert not conn.renegotiate_pending()
+            assert conn.total_renegotiations() == 1
+
+
+def test_s_server_refuses_our_renegotiation_by_default(
+    cert_files: CertFiles,
+) -> None:
+    with OpenSSLServer(cert_files, version="1.2") as server:
+        with _connect(cert_files, server.address, SSL.TLS1_2_VERSION) as conn:
+            server.expect_handshake()
+            # A blocking socket: the whole handshake runs inside the call.
+            with pytest.raises(PeerRefused, match="no renegotiation"):
+                conn.renegotiate()
+            server.expect(r"warning no_renegotiation")
+
+
+# -- openssl s_server starts its own towards us --------------------------------
+
+
+@pytest.mark.parametrize("request_peer", [False, True])
+def test_s_server_key_update_reaches_us(
+    cert_files: CertFiles, request_peer: bool
+) -> None:
+    with OpenSSLServer(cert_files, version="1.3") as server:
+        with _connect(cert_files, server.address, SSL.TLS1_3_VERSION) as conn:
+            server.expect_handshake()
+            server.key_update(request_peer)
+            server.expect(r"SSL_do_handshake -> 1")
+            server.send_line("ping")
+            assert b"ping" in _read_until(conn, b"ping")
+            assert conn.seen.count("read server key update") == 1
+            pending = conn.get_key_update_type()
+            if request_peer:
+                # We owe an answer; send it without writing any data.
+                assert pending is KeyUpdateType.NOT_REQUESTED
+                conn.key_update(False)
+                assert server.expect_key_update(False) is False
+            else:
+                assert pending is KeyUpdateType.NONE
+                server.expect_absent(OPENSSL_KEY_UPDATE_RECEIVED)
+            conn.sendall(b"pong\n")
+            server.expect(r"pong")
+
+
+def test_s_server_renegotiation_reaches_us(cert_files: CertFiles) -> None:
+    with OpenSSLServer(cert_files, version="1.2") as server:
+        with _connect(cert_files, server.address, SSL.TLS1_2_VERSION) as conn:
+            server.expect_handshake()
+            server.renegotiate()
+            server.expect(r"SSL_do_handshake -> 1")
+            server.send_line("ping")
+            assert b"ping" in _read_until(conn, b"ping")
+            assert conn.seen.count("read hello request") == 1
+            conn.sendall(b"pong\n")
+            server.expect_renegotiation()
+            server.expect(r"pong")
+            assert conn.total_renegotiations() == 1
+
+
+# -- openssl s_client against our server ---------------------------------------
+
+
+class _Server:
+    """A blocking RekeyConnection server that echoes lines, in a thread."""
+
+    def __init__(self, certs: CertFiles, version: int, *, allow_reneg: bool) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port = self.listener.getsockname()[1]
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(version)
+        ctx.set_max_proto_version(version)
+        ctx.use_certificate_chain_file(str(certs.server_cert))
+        ctx.use_privatekey_file(str(certs.server_key))
+        if allow_reneg:
+            from twisted_rekey import allow_client_renegotiation
+
+            allow_client_renegotiation(ctx)
+        self.ctx = ctx
+        self.ready = threading.Event()
+        self.conn: RekeyConnection | None = None
+        self.states: list[str] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sock = None
+        try:
+            sock, _ = self.listener.accept()
+            _bounded(sock)
+            conn = self.conn = RekeyConnection(self.ctx, sock)
+            self.states = watch(conn).states
+            conn.set_accept_state()
+            conn.do_handshake()
+            self.ready.set()
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except (SSL.ZeroReturnError, SSL.SysCallError):
+                    return
+                if conn.get_key_update_type() is KeyUpdateType.NOT_REQUESTED:
+                    conn.key_update(False)  # answer at once, before echoing
+                conn.sendall(data)
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.ready.set()
+            if sock is not None:
+                sock.close()
+            self.listener.close()
+
+    def count(self, text: str) -> int:
+        return sum(text in s for s in self.states)
+
+    def join(self) -> None:
+        self.thread.join(TIMEOUT + 5)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.parametrize("request_peer", [False, True])
+def test_s_client_key_update_reaches_our_server(
+    cert_files: CertFiles, request_peer: bool
+) -> None:
+    server = _Server(cert_files, SSL.TLS1_3_VERSION, allow_reneg=False)
+    with OpenSSLClient(cert_files, server.port, version="1.3") as client:
+        assert server.ready.wait(TIMEOUT)
+        client.send_line("hello")
+        client.expect(r"^hello$")
+        client.key_update(request_peer)
+        client.expect(r"KEYUPDATE")
+        client.send_line("after")
+        client.expect(r"^after$")
+        assert server.count("read client key update") == 1
+        if request_peer:
+            assert client.expect_key_update() is False
+        else:
+            assert client.key_updates_received() == []
+        client.quit()
+    server.join()
+    assert server.error is None
+
+
+def test_our_server_key_update_reaches_s_client(cert_files: CertFiles) -> None:
+    server = _Server(cert_files, SSL.TLS1_3_VERSION, allow_reneg=False)
+    with OpenSSLClient(cert_files, server.port, version="1.3") as client:
+        assert server.ready.wait(TIMEOUT)
+        assert server.conn is not None
+        server.conn.key_update(True)
+        assert client.expect_key_update(True) is True
+        client.send_line("data")
+        client.expect(r"^data$")
+        # s_client's answer came with its data; our server read it.
+        assert server.count("read client key update") == 1
+        client.quit()
+    server.join()
+    assert server.error is None
+
+
+def test_s_client_renegotiation_reaches_our_server(cert_files: CertFiles) -> None:
+    server = _Server(cert_files, SSL.TLS1_2_VERSION, allow_reneg=True)
+    with OpenSSLClient(cert_files, server.port, version="1.2") as client:
+        assert server.ready.wait(TIMEOUT)
+        client.renegotiate()
+        client.expect(r"RENEGOTIATING")
+        client.send_line("after")
+        client.expect(r"^after$")
+        assert server.count("read client hello") == 2
+        client.quit()
+    server.join()
+    assert server.error is None
+
+
+# -- GnuTLS ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_peer", [False, True])
+def test_gnutls_sees_our_key_update(cert_files: CertFiles, request_peer: bool) -> None:
+    with GnuTLSServer(cert_files, version="1.3") as server:
+        with _connect(cert_files, server.address, SSL.TLS1_3_VERSION) as conn:
+            conn.sendall(b"before\n")
+            assert _read_until(conn, b"before\n") == b"before\n"
+            conn.key_update(request_peer)
+            assert server.expect_key_update(request_peer) is request_peer
+            conn.sendall(b"after\n")
+            assert _read_until(conn, b"after\n") == b"after\n"
+            # GnuTLS answers a requested update with its echo.
+            assert conn.seen.count("read server key update") == int(request_peer)
+
+
+def test_gnutls_renegotiation_from_us(cert_files: CertFiles) -> None:
+    with GnuTLSServer(cert_files, version="1.2") as server:
+        with _connect(cert_files, server.address, SSL.TLS1_2_VERSION) as conn:
+            conn.sendall(b"before\n")
+            _read_until(conn, b"before\n")
+            conn.renegotiate()
+            conn.sendall(b"after\n")
+            assert _read_until(conn, b"after\n") == b"after\n"
+            server.expect_renegotiation()
+            assert not conn.renegotiate_pending()
