@@ -32,6 +32,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from . import _binding
 from ._binding import ffi, lib
 from ._connection import (
     OP_ALLOW_CLIENT_RENEGOTIATION,
@@ -47,6 +48,7 @@ from ._connection import (
 from ._interfaces import IRekeyable
 from .exceptions import (
     ConnectionStateError,
+    FunctionUnavailable,
     KeyUpdateFlood,
     PeerRefused,
     RekeyError,
@@ -107,6 +109,19 @@ class RekeyStats:
     lastRotation: Optional[float]
     #: Seconds since :attr:`lastRotation` (0.0 before the handshake).
     secondsSinceRotation: float
+
+
+def _setInfoCallback(ssl: Any, callback: Any) -> None:
+    """
+    ``SSL_set_info_callback``: in cryptography's cffi ``lib`` since about
+    release 43, reached through the binding before that.
+    """
+    func = getattr(lib, "SSL_set_info_callback", None)
+    if func is None:
+        resolution, func = _binding.function("SSL_set_info_callback")
+        if func is None:
+            raise FunctionUnavailable("SSL_set_info_callback", resolution.reason)
+    func(ssl, callback)
 
 
 def _findTLS(transport: object) -> TLSMemoryBIOProtocol | None:
@@ -194,11 +209,12 @@ class _Watcher:
         # The SSL* outlives nothing that does not hold the Connection: keep
         # the callback referenced there, as pyOpenSSL does with its own.
         conn._rekeyInfoCallback = self.callback  # type: ignore[attr-defined]
-        lib.SSL_set_info_callback(conn._ssl, self.callback)
+        _setInfoCallback(conn._ssl, self.callback)
 
         if owner.allowClientRenegotiation:
             # Only servers look at this option.
-            conn.set_options(OP_ALLOW_CLIENT_RENEGOTIATION)
+            # Connection.set_options is missing from pyOpenSSL < 25.
+            lib.SSL_set_options(conn._ssl, OP_ALLOW_CLIENT_RENEGOTIATION)
 
         # Instance attributes shadow the class's methods, for this
         # connection only; BufferingTLSTransport does the same with write.
