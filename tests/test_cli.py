@@ -244,3 +244,18 @@ def test_parse_target() -> None:
     assert parse_target("127.0.0.1:1") == ("127.0.0.1", 1)
     with pytest.raises(ValueError, match="no port"):
         parse_target("example.test")
+
+
+def test_internal_error_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug inside the probe still ends in one line and exit code 5."""
+    from twisted_rekey import __main__ as cli
+
+    def broken(options: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cli, "probe", broken)
+    assert cli.main(["probe", "127.0.0.1:1"]) == 5
+    err = capsys.readouterr().err
+    assert err == "twisted-rekey: internal error: RuntimeError: simulated bug\n"
