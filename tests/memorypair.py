@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trustme
@@ -17,6 +19,7 @@ from OpenSSL import SSL
 
 from twisted_rekey import RekeyConnection, _binding, allow_client_renegotiation
 from twisted_rekey._binding import ffi, lib
+from twisted_rekey._policy import RotationPolicy
 
 _CA = trustme.CA()
 _CERT = _CA.issue_cert("localhost", "127.0.0.1", "::1")
@@ -127,16 +130,34 @@ class Pair:
 
 
 def make_pair(
-    version: int = SSL.TLS1_3_VERSION, *, allow_client_reneg: bool = False
+    version: int = SSL.TLS1_3_VERSION,
+    *,
+    allow_client_reneg: bool = False,
+    client_policy: RotationPolicy | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Pair:
+    """
+    A handshaken pair.  With *client_policy*, the client applies it inline
+    (and its own info callback is the policy's, so ``client_seen`` stays
+    empty).
+    """
     server = RekeyConnection(
         server_context(version, allow_client_reneg=allow_client_reneg), None
     )
     server.set_accept_state()
-    client = RekeyConnection(client_context(version), None)
+    if client_policy is None:
+        client = RekeyConnection(client_context(version), None)
+    else:
+        client = RekeyConnection(
+            client_context(version),
+            None,
+            policy=client_policy,
+            clock=clock or time.monotonic,
+        )
     client.set_connect_state()
     client.set_tlsext_host_name(b"localhost")
-    server_seen, client_seen = watch(server), watch(client)
+    server_seen = watch(server)
+    client_seen = watch(client) if client_policy is None else Watcher()
     return Pair(
         server,
         client,

@@ -14,12 +14,14 @@ queue empty.  This module must never import Twisted.
 from __future__ import annotations
 
 import enum
-from typing import Any, Union
+import time
+from typing import Any, Callable, Union
 
 from OpenSSL import SSL
 
 from . import _binding
 from ._binding import ffi, lib
+from ._policy import RotationPolicy, RotationSchedule
 from .exceptions import (
     AlreadyInProgress,
     ConnectionStateError,
@@ -29,6 +31,7 @@ from .exceptions import (
     NotAConnection,
     OpenSSLCallError,
     PeerRefused,
+    RekeyError,
     WrongProtocolVersion,
 )
 
@@ -506,7 +509,150 @@ class RekeyConnectionMixin:
 class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     """
     A :class:`OpenSSL.SSL.Connection` with key update and renegotiation
-    methods.
+    methods and, optionally, a rotation policy applied inline.
+
+    With a *policy*, every ``send``/``write``/``sendall`` accounts the data
+    sent and, when the policy says a rotation is due (time, bytes, records,
+    the cipher's AEAD limit), rotates right after that write: a KeyUpdate on
+    TLS 1.3, a renegotiation on TLS 1.2 with a peer that supports secure
+    renegotiation.  No reactor and no thread is needed; a connection that
+    sends nothing does not rotate (nor would it gain anything from it).  The
+    peer's KeyUpdates are watched through a per-connection info callback
+    that chains to the Context's, so that the policy's one outstanding
+    update request is cleared when the peer answers.
+
+    A rotation never makes a successful write fail: if it cannot be done
+    (for example a non-blocking socket that would block), the policy is told
+    and retries later; if the build of cryptography cannot reach
+    ``SSL_key_update``, rotation stops and :attr:`rotation_error` says why.
+
+    :param context: as for :class:`OpenSSL.SSL.Connection`.
+    :param socket: as for :class:`OpenSSL.SSL.Connection`.
+    :param policy: a :class:`twisted_rekey.RotationPolicy`, or ``None``.
+    :param clock: a monotonic clock in seconds (tests pass a fake one).
 
     .. versionadded:: 0.1.0
     """
+
+    def __init__(
+        self,
+        context: SSL.Context,
+        socket: Any = None,
+        *,
+        policy: RotationPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(context, socket)
+        if policy is not None and not isinstance(policy, RotationPolicy):
+            raise TypeError(
+                f"policy must be a RotationPolicy, not {type(policy).__name__}"
+            )
+        self._rekey_policy = policy
+        self._rekey_clock = clock
+        self._rekey_schedule: RotationSchedule | None = None
+        #: Why inline rotation stopped, or ``None`` while it works.
+        self.rotation_error: RekeyError | None = None
+        if policy is not None:
+            self._rekey_watch_peer()
+
+    @property
+    def rotation_schedule(self) -> RotationSchedule | None:
+        """
+        The policy's state for this connection (counters, next deadline),
+        once the first write after the handshake has started it.
+        """
+        return self._rekey_schedule
+
+    def send(self, buf: Any, flags: int = 0) -> int:
+        """As :meth:`OpenSSL.SSL.Connection.send`, then the policy."""
+        sent = int(super().send(buf, flags))
+        self._rekey_account(sent)
+        return sent
+
+    write = send
+
+    def sendall(self, buf: Any, flags: int = 0) -> int:
+        """As :meth:`OpenSSL.SSL.Connection.sendall`, then the policy."""
+        result = int(super().sendall(buf, flags))
+        try:
+            nbytes = memoryview(buf).nbytes
+        except TypeError:  # str, which old pyOpenSSL releases still encode
+            nbytes = len(buf)
+        self._rekey_account(nbytes)
+        return result
+
+    # -- the policy, inline -----------------------------------------------------
+
+    def _rekey_watch_peer(self) -> None:
+        # OpenSSL calls an SSL's own info callback instead of its Context's:
+        # chain to the Context's so nothing installed there stops running.
+        previous = getattr(self._context, "_info_callback", None)
+
+        def info(ssl: Any, where: int, ret: int) -> None:
+            if previous is not None:
+                previous(ssl, where, ret)
+            schedule = self._rekey_schedule
+            if schedule is None or not where & lib.SSL_CB_LOOP:
+                return
+            try:
+                state = ffi.string(lib.SSL_state_string_long(ssl))
+                if state.endswith(b"key update") and b" read " in state:
+                    requested = get_key_update_type(self) is KeyUpdateType.NOT_REQUESTED
+                    schedule.peer_rotated(self._rekey_clock(), requested=requested)
+            except Exception as e:  # never let an exception cross into C
+                self.rotation_error = RekeyError(f"watching the peer failed: {e!r}")
+
+        self._rekey_info_callback = ffi.callback(
+            "void (*)(const SSL *, int, int)", info
+        )
+        _need("SSL_set_info_callback")(self._ssl, self._rekey_info_callback)
+
+    def _rekey_start(self, now: float) -> RotationSchedule | None:
+        assert self._rekey_policy is not None
+        if not handshake_complete(self):
+            return None
+        secure: bool | None = None
+        if not _is_tls13(self):
+            try:
+                secure = secure_renegotiation_support(self)
+            except FunctionUnavailable:
+                secure = None  # unknown: the policy then leaves TLS 1.2 alone
+        cipher = self.get_cipher_name()
+        self._rekey_schedule = self._rekey_policy.start(
+            now,
+            protocol=protocol_version(self),
+            cipher=None if cipher is None else str(cipher),
+            secure_renegotiation=secure,
+        )
+        return self._rekey_schedule
+
+    def _rekey_account(self, nbytes: int) -> None:
+        if self._rekey_policy is None or self.rotation_error is not None:
+            return
+        now = self._rekey_clock()
+        schedule = self._rekey_schedule or self._rekey_start(now)
+        if schedule is None or schedule.disabled_reason is not None:
+            return
+        action = schedule.data_sent(now, nbytes) if nbytes else None
+        if action is None:
+            deadline = schedule.get_timer()
+            if deadline is not None and deadline <= now:
+                action = schedule.handle_timer(now)
+        if action is None:
+            return
+        # The policy waits for rotated() or rotation_failed(): always say one.
+        try:
+            if action.method == "key-update":
+                key_update(self, action.request_peer)
+            else:
+                renegotiate(self)
+        except FunctionUnavailable as e:
+            schedule.rotation_failed(now)
+            self.rotation_error = e
+        except (RekeyError, SSL.WantReadError, SSL.WantWriteError):
+            schedule.rotation_failed(now)
+        except BaseException:
+            schedule.rotation_failed(now)
+            raise
+        else:
+            schedule.rotated(now, requested_peer=action.request_peer)

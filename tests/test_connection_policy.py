@@ -1,0 +1,166 @@
+"""
+A rotation policy applied inline by :class:`twisted_rekey.RekeyConnection`
+on ``send()``, for applications with no reactor: the peer sees each
+rotation the policy asks for, and every byte arrives.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from memorypair import make_pair
+from OpenSSL import SSL
+from peers import CertFiles, OpenSSLServer
+from test_connection_peers import _bounded, _read_until
+
+from twisted_rekey import RekeyConnection
+from twisted_rekey._policy import RotationPolicy
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bytes_threshold_rotates_and_data_arrives() -> None:
+    clock = FakeClock()
+    policy = RotationPolicy(max_bytes=10_000, min_interval=0.05, aead_limit=False)
+    pair = make_pair(client_policy=policy, clock=clock)
+    sent = b""
+    for i in range(50):
+        chunk = bytes([i % 256]) * 1000
+        pair.client.send(chunk)
+        sent += chunk
+        clock.now += 0.1
+        pair.pump()
+    # 50,000 bytes in 10,000-byte keys: a rotation after each 10,000.
+    assert pair.server_seen.count("read client key update") == 5
+    schedule = pair.client.rotation_schedule
+    assert schedule is not None
+    assert schedule.rotations == 5
+    assert pair.take("server") == sent
+
+
+def test_min_interval_holds_back_threshold_rotations() -> None:
+    clock = FakeClock()
+    policy = RotationPolicy(max_bytes=1000, min_interval=1.0, aead_limit=False)
+    pair = make_pair(client_policy=policy, clock=clock)
+    # The first write starts the schedule: its key counts as new then.
+    for _ in range(30):  # 30 kB in 0.3 s: the floor allows no rotation yet
+        pair.client.sendall(b"x" * 1000)
+        clock.now += 0.01
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 0
+    clock.now += 1.0
+    pair.client.sendall(b"y")  # the threshold passed long ago: due now
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 1
+    for _ in range(30):  # and again the floor holds the next one back
+        pair.client.sendall(b"x" * 1000)
+        clock.now += 0.01
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 1
+    assert len(pair.take("server")) == 60_001
+
+
+def test_interval_rotates_on_next_write_and_skips_idle() -> None:
+    clock = FakeClock()
+    policy = RotationPolicy(interval=60, jitter=0, aead_limit=False)
+    pair = make_pair(client_policy=policy, clock=clock)
+    pair.client.sendall(b"start")
+    clock.now += 59
+    pair.client.sendall(b"still the first key")
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 0
+    clock.now += 2
+    pair.client.sendall(b"after the interval")
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 1
+    # An hour with nothing sent: nothing to rotate; the next write does.
+    clock.now += 3600
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 1
+    pair.client.sendall(b"back")
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 2
+    assert pair.take("server") == (b"startstill the first keyafter the intervalback")
+
+
+def test_request_peer_waits_for_the_answer() -> None:
+    clock = FakeClock()
+    policy = RotationPolicy(
+        interval=1, request_peer_interval=1, jitter=0, min_interval=1
+    )
+    pair = make_pair(client_policy=policy, clock=clock)
+    pair.client.sendall(b"a")
+    clock.now += 1.5
+    pair.client.sendall(b"b")
+    pair.pump()
+    schedule = pair.client.rotation_schedule
+    assert schedule is not None
+    assert schedule.request_outstanding
+    # The server answers with its next write; the client reads it.
+    pair.server.sendall(b"answer")
+    pair.pump()
+    assert pair.take("client") == b"answer"
+    assert not schedule.request_outstanding
+    assert schedule.peer_rotations == 1
+
+
+def test_tls12_policy_renegotiates_with_server() -> None:
+    clock = FakeClock()
+    policy = RotationPolicy(max_bytes=5000, min_interval=0.05, aead_limit=False)
+    pair = make_pair(
+        SSL.TLS1_2_VERSION,
+        allow_client_reneg=True,
+        client_policy=policy,
+        clock=clock,
+    )
+    pair.client.sendall(b"start")  # starts the schedule
+    for _ in range(3):
+        clock.now += 0.1
+        pair.client.sendall(b"z" * 5000)
+        pair.pump()
+    assert pair.client.total_renegotiations() == 3
+    assert pair.server_seen.count("read client hello") == 4  # 1 + 3
+    assert pair.take("server") == b"start" + b"z" * 15000
+
+
+def test_policy_type_checked() -> None:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    with pytest.raises(TypeError, match="RotationPolicy"):
+        RekeyConnection(ctx, None, policy={"interval": 5})  # type: ignore[arg-type]
+
+
+def test_scheduled_rotation_seen_by_openssl_s_server(cert_files: CertFiles) -> None:
+    """The foreign peer logs each KeyUpdate the policy sent."""
+    clock = FakeClock()
+    policy = RotationPolicy(interval=10, jitter=0, aead_limit=False)
+    with OpenSSLServer(cert_files, version="1.3") as server:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.load_verify_locations(str(cert_files.ca_cert))
+        ctx.set_verify(SSL.VERIFY_PEER)
+        sock = socket.create_connection(server.address, timeout=10)
+        _bounded(sock)
+        conn = RekeyConnection(ctx, sock, policy=policy, clock=clock)
+        conn.set_connect_state()
+        try:
+            conn.do_handshake()
+            server.expect_handshake()
+            for i in range(3):
+                clock.now += 11
+                conn.sendall(f"line {i}\n".encode())
+                server.expect(rf"line {i}")
+            # The first write started the schedule; each later one was due,
+            # and its KeyUpdate follows it.
+            assert server.expect_key_update(False) is False
+            assert server.expect_key_update(False) is False
+            assert server.key_updates_received() == [False, False]
+            server.send_line("still talking")
+            assert b"still talking" in _read_until(conn, b"talking")
+        finally:
+            sock.close()
