@@ -33,6 +33,13 @@ from ._connection import (
     secure_renegotiation_support,
     total_renegotiations,
 )
+from ._policy import (
+    MIN_INTERVAL_LOWEST,
+    RotationAction,
+    RotationPolicy,
+    RotationSchedule,
+    aead_record_limit,
+)
 from .exceptions import (
     AlreadyInProgress,
     ConnectionStateError,
@@ -54,6 +61,7 @@ _LAZY: dict[str, str] = {
     "IRekeyable": "._interfaces",
     "RekeyProtocolMixin": "._protocol",
     "RekeyStats": "._protocol",
+    "RotationScheduler": "._scheduler",
 }
 
 
@@ -74,7 +82,13 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    # So that dir(), tab completion and autodoc see the lazy names too.
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
+    "MIN_INTERVAL_LOWEST",
     "OP_ALLOW_CLIENT_RENEGOTIATION",
     "OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION",
     "AlreadyInProgress",
@@ -95,8 +109,12 @@ __all__ = [
     "RekeyTimeout",
     "RenegotiationRateLimited",
     "Resolution",
+    "RotationAction",
+    "RotationPolicy",
+    "RotationSchedule",
     "WrongProtocolVersion",
     "__version__",
+    "aead_record_limit",
     "allow_client_renegotiation",
     "capabilities",
     "get_key_update_type",
