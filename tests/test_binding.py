@@ -221,3 +221,80 @@ def test_elf_reader_on_a_shared_library_dynsym() -> None:
         pytest.skip(f"no glibc file found ({libc})")
     found = _elf.find_symbols(candidates[0], ["malloc"])
     assert any(s.table == ".dynsym" and s.is_function for s in found["malloc"])
+
+
+# -- the dynamic way, exercised on libraries that are really there ----------
+
+
+def test_dynamic_way_finds_exported_function_of_loaded_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    Where OpenSSL is a shared library, its exports are found with dlsym on
+    the already-loaded copy.  No shared-libssl build of cryptography is at
+    hand, so the same code runs against the C library, which is loaded.
+    """
+    import ctypes
+
+    malloc = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    assert malloc is not None
+    libc = _binding._where(malloc)
+    if libc is None:
+        pytest.skip("dladdr cannot place malloc")
+    resolver = _binding._Resolver()
+    resolver._module, resolver._module_checked = libc, True
+    address, reason = resolver._by_dynamic("malloc")
+    assert reason == ""
+    assert address == malloc
+    address, reason = resolver._by_dynamic("SSL_no_such_function")
+    assert address is None
+    assert "does not export SSL_no_such_function" in reason
+
+
+def test_dynamic_way_never_loads_a_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RTLD_NOLOAD: a libssl that is not loaded stays unloaded."""
+    candidates = [
+        p
+        for p in (
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+            "/usr/lib/aarch64-linux-gnu/libssl.so.3",
+        )
+        if os.path.exists(p)
+    ]
+    if not candidates or not os.path.exists("/proc/self/maps"):
+        pytest.skip("no system libssl.so.3 to try")
+    script = textwrap.dedent(
+        f"""
+        import twisted_rekey
+        from twisted_rekey import _binding
+        path = {candidates[0]!r}
+        def mapped():
+            with open("/proc/self/maps") as f:
+                return path in f.read()
+        assert not mapped(), "the system libssl is already loaded"
+        resolver = _binding._Resolver()
+        resolver._module, resolver._module_checked = (path, 1 << 40), True
+        address, reason = resolver._by_dynamic("SSL_key_update")
+        print(address, mapped(), reason)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    address, mapped, reason = out.stdout.strip().split(" ", 2)
+    assert address == "None"
+    assert mapped == "False"
+    assert "does not export" in reason
+
+
+def test_dynamic_way_refuses_the_static_module() -> None:
+    resolver = _binding._Resolver()
+    if resolver._cffi_module() != resolver._module_of_openssl():
+        pytest.skip("OpenSSL is a shared library in this build")
+    address, reason = resolver._by_dynamic("SSL_key_update")
+    assert address is None
+    assert reason == "OpenSSL is linked statically into cryptography"
