@@ -61,6 +61,8 @@ _LAZY: dict[str, str] = {
     "IRekeyable": "._interfaces",
     "RekeyProtocolMixin": "._protocol",
     "RekeyStats": "._protocol",
+    "RotatingFactory": "._rotation",
+    "RotatingProtocol": "._rotation",
     "RotationScheduler": "._scheduler",
 }
 

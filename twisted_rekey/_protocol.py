@@ -59,6 +59,9 @@ from .exceptions import (
 if TYPE_CHECKING:
     from twisted.internet.interfaces import ITransport
 
+    from ._policy import RotationPolicy, RotationSchedule
+    from ._rotation import RotationDriver
+
 __all__ = ["RekeyProtocolMixin", "RekeyStats"]
 
 _log = Logger()
@@ -172,6 +175,8 @@ class _Watcher:
 
         self.initialDone = handshake_complete(conn)
         self.handshakeNoted = False
+        # The owner's rotationPolicy at work, from the handshake on.
+        self.rotation: RotationDriver | None = None
         self.requestOutstanding = False
         self.peerWaiters: list[_Waiter] = []
         self.renegWaiters: list[_Waiter] = []
@@ -342,6 +347,8 @@ class _Watcher:
         # they go through here again.
         unsent = len(after[-1]) if after is buffered and len(after) > before else 0
         self.bytesSent += len(data) - unsent
+        if self.rotation is not None:
+            self.rotation.dataSent(len(data) - unsent)
 
     def connectionLost(self, reason: Failure) -> None:
         try:
@@ -353,6 +360,8 @@ class _Watcher:
         if self.lost:
             return
         self.lost = True
+        if self.rotation is not None:
+            self.rotation.stop()
         if self.dirty:
             self.processEvents(answer=False)
         if self.refused:
@@ -398,6 +407,8 @@ class _Watcher:
             self.received += 1
             self.bytesReceivedMark = self.bytesReceived
             self.lastRotation = self.clock.seconds()
+            if self.rotation is not None:
+                self.rotation.peerRotated(requested)
             _log.info(
                 "peer sent a KeyUpdate (update_requested={requested})",
                 rekey_event="key_update_received",
@@ -466,6 +477,10 @@ class _Watcher:
                 version=protocol_version(self.conn),
                 count=self.renegotiations,
             )
+            if self.rotation is not None:
+                # Before the waiters: a policy's own renegotiation is
+                # reported by its Deferred, anyone else's from here.
+                self.rotation.renegotiated()
             waiters, self.renegWaiters = self.renegWaiters, []
             for waiter in list(waiters):
                 waiter.succeed()
@@ -485,6 +500,10 @@ class _Watcher:
         self.handshakeNoted = True
         if self.lastRotation is None:
             self.lastRotation = self.clock.seconds()
+        if self.owner.rotationPolicy is not None and not self.lost:
+            from ._rotation import RotationDriver
+
+            self.rotation = RotationDriver.forWatcher(self)
         self.callHook(self.owner._rekeyHandshakeCompleted)
 
     def answer(self) -> None:
@@ -721,6 +740,14 @@ class RekeyProtocolMixin:
     :ivar keyUpdateRateLimit: ``(count, seconds)``: disconnect a peer that
         sends more than *count* KeyUpdates within *seconds* (``None``: no
         bound).
+    :ivar rotationPolicy: a :class:`~twisted_rekey.RotationPolicy`: from
+        the handshake on, the connection rotates its keys by itself when
+        the policy says, on timers of the reactor's shared
+        :class:`~twisted_rekey.RotationScheduler` (cancelled when the
+        connection is lost).  ``None``: only when asked.
+    :ivar rotationGranularity: the width of the rotation timers' buckets,
+        in seconds; ``None`` derives it from the policy (one second, less
+        when its ``min_interval`` is below two seconds).
 
     .. versionadded:: 0.1.0
     """
@@ -730,6 +757,8 @@ class RekeyProtocolMixin:
     clientRenegotiationLimit: tuple[int, float] = (3, 600.0)
     keyUpdateFloodLimit: int | None = 32
     keyUpdateRateLimit: tuple[int, float] | None = (64, 1.0)
+    rotationPolicy: RotationPolicy | None = None
+    rotationGranularity: float | None = None
 
     _rekeyWatcher: _Watcher | None = None
     transport: ITransport | None
@@ -839,6 +868,19 @@ class RekeyProtocolMixin:
         if watcher is None:
             return RekeyStats(0, 0, 0, 0, 0, 0, 0, 0, None, 0.0)
         return watcher.stats()
+
+    @property
+    def rotationSchedule(self) -> RotationSchedule | None:
+        """
+        The :attr:`rotationPolicy`'s state for this connection (counters,
+        rotations, next deadline, or why it is disabled), from the
+        handshake on; ``None`` without a policy.
+
+        .. versionadded:: 0.1.0
+        """
+        watcher = self._rekeyWatcher
+        driver = None if watcher is None else watcher.rotation
+        return None if driver is None else driver.schedule
 
     # -- hooks for the application
 

@@ -1,0 +1,427 @@
+"""
+Rotate the keys of Twisted TLS connections by themselves, on a
+:class:`~twisted_rekey.RotationPolicy`: the reactor-driven adapter around
+the sans-IO :class:`~twisted_rekey.RotationSchedule`.
+
+:class:`RotationDriver` (one per connection, made when the handshake of a
+:class:`~twisted_rekey.RekeyProtocolMixin` with a ``rotationPolicy``
+completes) feeds the schedule what the connection sends and what the peer
+rotates, files the schedule's next deadline with the reactor's shared
+:class:`~twisted_rekey.RotationScheduler`, and performs the actions the
+schedule returns.  :class:`RotatingFactory` gives any existing protocol
+factory such a policy without changing its protocol class.
+
+This module decides nothing about *when* to rotate (that is the policy's
+job), arms no delayed call of its own (only the shared scheduler does, and
+it leaves none behind once every connection is gone), never lets a
+Deferred's error go unhandled, and never imports the reactor at module
+level.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocolFactory,
+    IReactorTime,
+)
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+
+from ._connection import protocol_version, secure_renegotiation_support
+from ._policy import RotationAction, RotationPolicy, RotationSchedule
+from ._protocol import RekeyProtocolMixin
+from ._scheduler import RotationScheduler
+from .exceptions import FunctionUnavailable, PeerRefused
+
+if TYPE_CHECKING:
+    from ._protocol import _Watcher
+
+__all__ = ["RotatingFactory", "RotatingProtocol", "RotationDriver"]
+
+_log = Logger()
+
+#: Bucket widths a derived granularity is picked from, so that policies
+#: with nearby floors share one scheduler (and one pending call).
+_GRANULARITIES = (1.0, 0.5, 0.25, 0.1, 0.05, 0.025)
+
+#: How long a renegotiation of ours may take before the policy hears it
+#: failed and tries again later.
+RENEGOTIATION_TIMEOUT = 30.0
+
+_schedulers: weakref.WeakKeyDictionary[
+    object, dict[float, weakref.ref[RotationScheduler]]
+] = weakref.WeakKeyDictionary()
+
+
+def granularityFor(policy: RotationPolicy) -> float:
+    """
+    The timer bucket width that suits *policy*: one second, or less when
+    the policy's ``min_interval`` is below two seconds, so that the
+    rounding stays within half of the floor between two rotations.
+
+    :param policy: the policy.
+    :returns: a bucket width in seconds.
+
+    .. versionadded:: 0.1.0
+    """
+    for width in _GRANULARITIES:
+        if width <= policy.min_interval / 2:
+            return width
+    return _GRANULARITIES[-1]
+
+
+def schedulerFor(clock: IReactorTime, granularity: float) -> RotationScheduler:
+    """
+    The scheduler shared by every connection of *clock* that rotates at
+    *granularity*: :meth:`RotationScheduler.forReactor` when its
+    granularity matches, else one more per (clock, granularity).
+
+    .. versionadded:: 0.1.0
+    """
+    shared = RotationScheduler.forReactor(clock, granularity)
+    if shared.granularity == granularity:
+        return shared
+    byWidth = _schedulers.setdefault(clock, {})
+    ref = byWidth.get(granularity)
+    scheduler = ref() if ref is not None else None
+    if scheduler is None:
+        scheduler = RotationScheduler(clock, granularity)
+        byWidth[granularity] = weakref.ref(scheduler)
+    return scheduler
+
+
+class RotationDriver:
+    """
+    Applies a :class:`~twisted_rekey.RotationPolicy` to one connection of a
+    :class:`~twisted_rekey.RekeyProtocolMixin`.
+
+    The mixin makes one when the initial handshake completes (if its
+    ``rotationPolicy`` is set) and tells it every application write, every
+    rotation of the peer and the loss of the connection; applications only
+    read its :attr:`schedule` (through the mixin's ``rotationSchedule``).
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_armed",
+        "_clock",
+        "_inFlight",
+        "_owner",
+        "_scheduler",
+        "_stopped",
+        "_timer",
+        "schedule",
+    )
+
+    def __init__(
+        self,
+        owner: RekeyProtocolMixin,
+        clock: Any,
+        scheduler: RotationScheduler,
+        schedule: RotationSchedule,
+    ) -> None:
+        self._owner = owner
+        # Any: IReactorTime's methods are declared without self.
+        self._clock: Any = clock
+        self._scheduler = scheduler
+        #: The policy's state for this connection.
+        self.schedule = schedule
+        # The one bound method filed with the scheduler: equal to itself, so
+        # that it can be rescheduled and cancelled by key.
+        self._timer = self._fired
+        self._armed: float | None = None
+        self._inFlight: RotationAction | None = None
+        self._stopped = schedule.disabled_reason is not None
+
+    @classmethod
+    def forWatcher(cls, watcher: _Watcher) -> RotationDriver | None:
+        """
+        Start the policy of *watcher*'s protocol on its just-completed
+        handshake.  Never raises: a failure is logged and leaves the
+        connection without rotation.
+        """
+        owner = watcher.owner
+        policy = owner.rotationPolicy
+        if policy is None:
+            return None
+        try:
+            return cls._start(watcher, owner, policy)
+        except Exception:
+            _log.failure(
+                "could not start key rotation for this connection",
+                rekey_event="rotation_error",
+            )
+            return None
+
+    @classmethod
+    def _start(
+        cls, watcher: _Watcher, owner: RekeyProtocolMixin, policy: RotationPolicy
+    ) -> RotationDriver:
+        if not isinstance(policy, RotationPolicy):
+            raise TypeError(
+                f"rotationPolicy must be a RotationPolicy, not {type(policy).__name__}"
+            )
+        conn = watcher.conn
+        version = protocol_version(conn)
+        secure: bool | None = None
+        if version != "TLSv1.3":
+            try:
+                secure = secure_renegotiation_support(conn)
+            except FunctionUnavailable:
+                secure = None  # unknown: the policy then leaves TLS 1.2 alone
+        cipher = conn.get_cipher_name()
+        clock: Any = watcher.clock
+        schedule = policy.start(
+            clock.seconds(),
+            protocol=version,
+            cipher=None if cipher is None else str(cipher),
+            secure_renegotiation=secure,
+        )
+        granularity = owner.rotationGranularity or granularityFor(policy)
+        driver = cls(owner, clock, schedulerFor(clock, granularity), schedule)
+        if schedule.disabled_reason is not None:
+            _log.info(
+                "key rotation disabled for this connection: {reason}",
+                rekey_event="rotation_disabled",
+                reason=schedule.disabled_reason,
+            )
+        else:
+            driver._arm()
+        return driver
+
+    # -- what the mixin tells us
+
+    def dataSent(self, nbytes: int) -> None:
+        """Application bytes were handed to TLS."""
+        if self._stopped or not nbytes:
+            return
+        try:
+            now = self._clock.seconds()
+            action = self.schedule.data_sent(now, nbytes)
+            if action is not None:
+                self._perform(action, now)
+            elif self._armed is None:
+                # Idle until now (skip_idle): a timed rotation may be due again.
+                self._arm()
+        except Exception:
+            self._crashed()
+
+    def peerRotated(self, requested: bool) -> None:
+        """A KeyUpdate from the peer was read."""
+        if self._stopped:
+            return
+        try:
+            self.schedule.peer_rotated(self._clock.seconds(), requested=requested)
+            self._arm()
+        except Exception:
+            self._crashed()
+
+    def renegotiated(self) -> None:
+        """A renegotiation completed, whoever started it."""
+        if self._stopped or self._inFlight is not None:
+            # Ours: its Deferred reports it.
+            return
+        try:
+            self.schedule.peer_rotated(self._clock.seconds(), requested=True)
+            self._arm()
+        except Exception:
+            self._crashed()
+
+    def stop(self) -> None:
+        """The connection is gone: forget its deadline, ignore what follows."""
+        self._stopped = True
+        self._disarm()
+
+    # -- timers
+
+    def _arm(self) -> None:
+        if self._stopped:
+            return
+        deadline = self.schedule.get_timer()
+        if deadline is None:
+            self._disarm()
+        elif deadline != self._armed:
+            self._armed = deadline
+            self._scheduler.schedule(self._timer, deadline)
+
+    def _disarm(self) -> None:
+        if self._armed is not None:
+            self._armed = None
+            self._scheduler.cancel(self._timer)
+
+    def _fired(self, now: float) -> None:
+        self._armed = None
+        if self._stopped:
+            return
+        try:
+            action = self.schedule.handle_timer(now)
+            if action is None:
+                self._arm()
+            else:
+                self._perform(action, now)
+        except Exception:
+            self._crashed()
+
+    # -- actions
+
+    def _perform(self, action: RotationAction, now: float) -> None:
+        self._inFlight = action
+        self._disarm()
+        renegotiation = action.method == "renegotiation"
+        d = self._owner._rekeyNow(
+            action.request_peer,
+            f"policy: {action.reason}",
+            RENEGOTIATION_TIMEOUT if renegotiation else None,
+        )
+        settled: list[object] = []
+        d.addBoth(self._settled, action, settled)
+        if not settled and not renegotiation:
+            # A KeyUpdate asking the peer to answer: ours was sent, the
+            # Deferred waits for the answer, which peerRotated() reports.
+            settled.append(None)
+            self._inFlight = None
+            self.schedule.rotated(now, requested_peer=action.request_peer)
+            self._arm()
+
+    def _settled(
+        self, result: object, action: RotationAction, settled: list[object]
+    ) -> None:
+        first = not settled
+        settled.append(result)
+        if self._stopped:
+            return None  # lost while waiting: nothing left to tell the policy
+        now = self._clock.seconds()
+        if isinstance(result, Failure):
+            if not first:
+                # The answer to an update request never came (the
+                # connection went, or timed out): the request stays
+                # outstanding in the policy, as it does on the connection.
+                _log.info(
+                    "the peer did not answer a KeyUpdate request: {error}",
+                    rekey_event="rotation_request_unanswered",
+                    error=result.getErrorMessage(),
+                )
+                return None
+            self._inFlight = None
+            self._failed(action, result, now)
+            return None
+        if first:
+            self._inFlight = None
+            self.schedule.rotated(now, requested_peer=action.request_peer)
+            self._arm()
+        return None
+
+    def _failed(self, action: RotationAction, failure: Failure, now: float) -> None:
+        if failure.check(PeerRefused, FunctionUnavailable):  # type: ignore[no-untyped-call]
+            # Asking again would meet the same answer: stop for good.
+            self.schedule.rotation_failed(now)
+            self.stop()
+            _log.warn(
+                "key rotation disabled for this connection: {error}",
+                rekey_event="rotation_disabled",
+                reason=failure.getErrorMessage(),
+                error=failure.getErrorMessage(),
+            )
+            return
+        self.schedule.rotation_failed(now)
+        _log.warn(
+            "a scheduled {method} failed ({error}); retrying later",
+            rekey_event="rotation_failed",
+            method=action.method,
+            reason=action.reason,
+            error=failure.getErrorMessage(),
+        )
+        self._arm()
+
+    def _crashed(self) -> None:
+        self.stop()
+        _log.failure(
+            "key rotation stopped for this connection after an internal error",
+            rekey_event="rotation_error",
+        )
+
+
+class RotatingProtocol(RekeyProtocolMixin, ProtocolWrapper):
+    """
+    The protocol :class:`RotatingFactory` builds: a
+    :class:`~twisted.protocols.policies.ProtocolWrapper` with
+    :class:`~twisted_rekey.RekeyProtocolMixin`, between the TLS transport
+    and the application's own protocol, which it leaves unchanged.  Its
+    ``keyUpdate()``, ``rekey()`` and ``rekeyStats`` work as the mixin's; the
+    wrapped protocol is :attr:`wrappedProtocol`.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def handshakeCompleted(self) -> None:
+        """Note the handshake, then tell the wrapped protocol if it listens."""
+        super().handshakeCompleted()
+        wrapped = self.wrappedProtocol
+        if IHandshakeListener.providedBy(wrapped):
+            wrapped.handshakeCompleted()
+
+
+class RotatingFactory(WrappingFactory):
+    """
+    Give every connection of an existing protocol factory a key rotation
+    policy, without changing the factory or its protocol class::
+
+        factory = RotatingFactory(
+            Factory.forProtocol(Echo), RotationPolicy(interval=3600)
+        )
+        reactor.listenSSL(443, factory, contextFactory)
+
+    It works wherever a factory does over TLS: ``listenSSL`` and
+    ``connectSSL``, ``ssl:`` endpoints, ``wrapClientTLS``, and a protocol
+    that calls ``startTLS`` itself (rotation then starts with the TLS
+    handshake).  Over plain TCP it only passes data through.
+
+    :param wrappedFactory: the application's factory.
+    :param policy: when to rotate; ``None`` only adds the mixin's
+        methods (a protocol may still call ``rekey()`` on its transport's
+        wrapper).
+    :param clock: the time provider of the rotation timers and timeouts;
+        ``None`` uses the TLS transport's clock, else the global reactor.
+    :param granularity: the width of a timer bucket in seconds; ``None``
+        derives it from the policy (one second unless its ``min_interval``
+        is below two seconds).
+
+    .. versionadded:: 0.1.0
+    """
+
+    protocol = RotatingProtocol
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        policy: Optional[RotationPolicy],
+        clock: Optional[IReactorTime] = None,
+        granularity: Optional[float] = None,
+    ) -> None:
+        if policy is not None and not isinstance(policy, RotationPolicy):
+            raise TypeError(
+                f"policy must be a RotationPolicy, not {type(policy).__name__}"
+            )
+        if granularity is not None and not granularity > 0:
+            raise ValueError(f"granularity must be > 0, not {granularity}")
+        super().__init__(wrappedFactory)  # type: ignore[no-untyped-call]
+        self.policy = policy
+        self.clock = clock
+        self.granularity = granularity
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """Build the wrapper and hand it this factory's policy and clock."""
+        wrapper: Any = super().buildProtocol(addr)
+        if wrapper is not None:
+            wrapper.rotationPolicy = self.policy
+            wrapper.rotationGranularity = self.granularity
+            if self.clock is not None:
+                wrapper.clock = self.clock
+        return wrapper
