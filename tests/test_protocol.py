@@ -574,6 +574,26 @@ def test_hook_errors_are_logged_not_fatal(
     assert pair.server.lost is None
 
 
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_hook_runs_before_the_deferred_fires(cert_files: Any, version: str) -> None:
+    """
+    Code waiting on keyUpdate(requestPeer=True) or renegotiate() finds the
+    hook's bookkeeping already done (s_server's answer arrives in the same
+    read as its data, so an application resumed by the Deferred saw no hook
+    call yet).
+    """
+    pair = Pair(cert_files, version)
+    seen: list[int] = []
+    if version == "1.3":
+        d = pair.client.keyUpdate(requestPeer=True)
+        d.addCallback(lambda _: seen.append(len(pair.client.updates)))
+    else:
+        d = pair.server.renegotiate()
+        d.addCallback(lambda _: seen.append(pair.server.renegotiationsSeen))
+    pair.pump.flush()
+    assert seen == [1]
+
+
 def test_stats_bytes_and_time(cert_files: Any) -> None:
     pair = Pair(cert_files)
     pair.clock.advance(100)

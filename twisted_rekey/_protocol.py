@@ -415,12 +415,15 @@ class _Watcher:
                 requested=requested,
                 count=self.received,
             )
+            waiters: list[_Waiter] = []
             if self.requestOutstanding:
                 self.requestOutstanding = False
                 waiters, self.peerWaiters = self.peerWaiters, []
-                for waiter in list(waiters):
-                    waiter.succeed()
+            # The hook first: code waiting on the Deferred must find the
+            # application's own bookkeeping of this update already done.
             self.callHook(self.owner.keyUpdateReceived, requested)
+            for waiter in list(waiters):
+                waiter.succeed()
 
         if self.floodReason is not None and not self.lost:
             reason, self.floodReason = self.floodReason, None
@@ -482,9 +485,9 @@ class _Watcher:
                 # reported by its Deferred, anyone else's from here.
                 self.rotation.renegotiated()
             waiters, self.renegWaiters = self.renegWaiters, []
+            self.callHook(self.owner.renegotiationCompleted)
             for waiter in list(waiters):
                 waiter.succeed()
-            self.callHook(self.owner.renegotiationCompleted)
 
     def callHook(self, hook: Callable[..., object], *args: object) -> None:
         try:
