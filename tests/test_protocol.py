@@ -512,6 +512,9 @@ def test_client_renegotiation_refused_by_default(
     assert len(done) == 1 and done[0].check(PeerRefused)
     assert "no_renegotiation" in str(done[0].value)
     assert "client_renegotiation_refused" in events.names()
+    # OpenSSL reports the refused handshake as done: no new keys, though.
+    assert pair.server.renegotiationsSeen == 0
+    assert pair.server.rekeyStats.renegotiations == 0
     assert "renegotiation_refused" in events.names()
 
 

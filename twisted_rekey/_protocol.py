@@ -191,6 +191,8 @@ class _Watcher:
         self.renegDone = 0
         self.refused = False
         self.refusedByUs = False
+        # Our no_renegotiation alert went out in the handshake now running.
+        self.refusing = False
         self.callbackErrors: list[BaseException] = []
         self.inARow = 0
         self.floodReason: str | None = None
@@ -279,9 +281,14 @@ class _Watcher:
             self.dirty = True
         if where & _CB_HANDSHAKE_DONE:
             if self.initialDone:
+                if self.refusing:
+                    # A refused renegotiation also ends with "done": but the
+                    # keys did not change.
+                    self.refusing = False
+                    self.renegInProgress = False
                 # TLS 1.2 reports a finished handshake after a server's
                 # HelloRequest too; the renegotiation is still pending then.
-                if not renegotiate_pending(self.conn):
+                elif not renegotiate_pending(self.conn):
                     self.renegDone += 1
             else:
                 self.initialDone = True
@@ -291,6 +298,7 @@ class _Watcher:
                 self.refused = True
             else:
                 self.refusedByUs = True
+                self.refusing = True
             self.dirty = True
 
     def checkRate(self) -> None:
