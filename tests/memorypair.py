@@ -65,14 +65,22 @@ class Watcher:
 
 def watch(conn: SSL.Connection) -> Watcher:
     """
-    Record *conn*'s handshake states with a per-connection info callback
-    (through cffi: pyOpenSSL < 25 has no ``Connection.set_info_callback``).
+    Record *conn*'s handshake states with a per-connection info callback: a
+    :class:`RekeyConnection` chains it behind its own watcher; a plain
+    Connection gets it through cffi (pyOpenSSL < 25.2 has no
+    ``Connection.set_info_callback``).
     """
     watcher = Watcher()
 
-    def info(ssl: object, where: int, ret: int) -> None:
-        state = ffi.string(lib.SSL_state_string_long(ssl))
+    def record(state: bytes) -> None:
         watcher.states.append(state.decode("ascii"))
+
+    if isinstance(conn, RekeyConnection):
+        conn.set_info_callback(lambda c, where, ret: record(c.get_state_string()))
+        return watcher
+
+    def info(ssl: object, where: int, ret: int) -> None:
+        record(ffi.string(lib.SSL_state_string_long(ssl)))
 
     callback = ffi.callback("void (*)(const SSL *, int, int)", info)
     conn._test_info_callback = callback  # type: ignore[attr-defined]
@@ -137,9 +145,7 @@ def make_pair(
     clock: Callable[[], float] | None = None,
 ) -> Pair:
     """
-    A handshaken pair.  With *client_policy*, the client applies it inline
-    (and its own info callback is the policy's, so ``client_seen`` stays
-    empty).
+    A handshaken pair.  With *client_policy*, the client applies it inline.
     """
     server = RekeyConnection(
         server_context(version, allow_client_reneg=allow_client_reneg), None
@@ -157,7 +163,7 @@ def make_pair(
     client.set_connect_state()
     client.set_tlsext_host_name(b"localhost")
     server_seen = watch(server)
-    client_seen = watch(client) if client_policy is None else Watcher()
+    client_seen = watch(client)
     return Pair(
         server,
         client,

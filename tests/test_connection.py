@@ -457,3 +457,52 @@ def test_socket_client_renegotiation() -> None:
         assert not conn.renegotiate_pending()
         assert server.states.count("SSLv3/TLS read client hello") == 2
     assert server.error is None
+
+
+# -- RekeyConnection's own watcher ------------------------------------------
+
+
+def test_counters_follow_both_directions() -> None:
+    pair = make_pair()
+    pair.client.key_update()
+    pair.client.key_update(request_peer=True)
+    pair.pump()
+    pair.server.sendall(b"carries the answer")
+    pair.pump()
+    assert pair.client.key_updates_sent == 2
+    assert pair.server.key_updates_received == 2
+    assert pair.server.key_update_requests_received == 1
+    assert pair.server.key_updates_sent == 1
+    assert pair.client.key_updates_received == 1
+    assert pair.client.key_update_requests_received == 0
+
+
+def test_context_info_callback_still_runs() -> None:
+    """The per-connection watcher chains to the Context's info callback."""
+    seen: list[int] = []
+    ctx = client_context(TLS13)
+    ctx.set_info_callback(lambda conn, where, ret: seen.append(where))
+    conn = RekeyConnection(ctx, None)
+    conn.set_connect_state()
+    try:
+        conn.do_handshake()
+    except SSL.WantReadError:
+        pass
+    assert seen, "the Context's info callback never ran"
+
+
+def test_info_callback_errors_surface_after_openssl_returns() -> None:
+    pair = make_pair()
+
+    def broken(conn: SSL.Connection, where: int, ret: int) -> None:
+        raise ZeroDivisionError("from the application's callback")
+
+    pair.server.set_info_callback(broken)
+    pair.client.key_update()
+    with pytest.raises(ZeroDivisionError, match="application's callback"):
+        pair.pump()
+    # The watcher itself still counted, and the next call is clean.
+    assert pair.server.key_updates_received == 1
+    pair.client.sendall(b"more")
+    pair.pump()
+    assert pair.take("server") == b"more"

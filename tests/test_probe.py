@@ -26,7 +26,7 @@ from peers import (
     OpenSSLServer,
 )
 
-from twisted_rekey import capabilities
+from twisted_rekey import RekeyConnection, capabilities
 
 pytestmark = pytest.mark.skipif(
     not capabilities().key_update, reason="key update is not available in this build"
@@ -307,20 +307,12 @@ def key_update_hater(cert_files: CertFiles) -> Iterator[int]:
             ctx = SSL.Context(SSL.TLS_METHOD)
             ctx.use_certificate_chain_file(str(cert_files.server_cert))
             ctx.use_privatekey_file(str(cert_files.server_key))
-            conn = SSL.Connection(ctx, raw)
-            seen: list[str] = []
-
-            def watch(
-                c: SSL.Connection, where: int, ret: int, seen: Any = seen
-            ) -> None:
-                seen.append(c.get_state_string().decode())
-
-            conn.set_info_callback(watch)
+            conn = RekeyConnection(ctx, raw)
             conn.set_accept_state()
             try:
-                while not any("key update" in s for s in seen):
+                while True:
                     data = conn.recv(65536)
-                    if any("key update" in s for s in seen):
+                    if conn.key_updates_received:
                         break
                     conn.sendall(data)
             except (SSL.Error, OSError):

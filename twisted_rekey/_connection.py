@@ -509,17 +509,22 @@ class RekeyConnectionMixin:
 class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     """
     A :class:`OpenSSL.SSL.Connection` with key update and renegotiation
-    methods and, optionally, a rotation policy applied inline.
+    methods, counters of the KeyUpdates each side sent, and optionally a
+    rotation policy applied inline.
+
+    It watches handshake messages with a per-connection info callback
+    (which fires on handshake messages only, never on application data).
+    That callback chains to the one that would otherwise run — the
+    Context's, or one set with :meth:`set_info_callback` — so installing
+    this class switches nothing off, and :meth:`set_info_callback` works
+    here even with pyOpenSSL releases that lack it.
 
     With a *policy*, every ``send``/``write``/``sendall`` accounts the data
     sent and, when the policy says a rotation is due (time, bytes, records,
     the cipher's AEAD limit), rotates right after that write: a KeyUpdate on
     TLS 1.3, a renegotiation on TLS 1.2 with a peer that supports secure
     renegotiation.  No reactor and no thread is needed; a connection that
-    sends nothing does not rotate (nor would it gain anything from it).  The
-    peer's KeyUpdates are watched through a per-connection info callback
-    that chains to the Context's, so that the policy's one outstanding
-    update request is cleared when the peer answers.
+    sends nothing does not rotate (nor would it gain anything from it).
 
     A rotation never makes a successful write fail: if it cannot be done
     (for example a non-blocking socket that would block), the policy is told
@@ -530,6 +535,10 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     :param socket: as for :class:`OpenSSL.SSL.Connection`.
     :param policy: a :class:`twisted_rekey.RotationPolicy`, or ``None``.
     :param clock: a monotonic clock in seconds (tests pass a fake one).
+    :raises TypeError: if *policy* is not a policy.
+    :raises FunctionUnavailable: if ``SSL_set_info_callback`` cannot be
+        reached (it is in every cryptography release's cffi ``lib`` since
+        43, and found in the symbol table before that).
 
     .. versionadded:: 0.1.0
     """
@@ -542,18 +551,29 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         policy: RotationPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(context, socket)
         if policy is not None and not isinstance(policy, RotationPolicy):
             raise TypeError(
                 f"policy must be a RotationPolicy, not {type(policy).__name__}"
             )
+        super().__init__(context, socket)
         self._rekey_policy = policy
         self._rekey_clock = clock
         self._rekey_schedule: RotationSchedule | None = None
+        self._rekey_user_info: Callable[[SSL.Connection, int, int], object] | None
+        self._rekey_user_info = None
+        self._rekey_callback_error: BaseException | None = None
+        #: KeyUpdates this side has written.
+        self.key_updates_sent = 0
+        #: KeyUpdates read from the peer.
+        self.key_updates_received = 0
+        #: How many of those asked this side to update too.
+        self.key_update_requests_received = 0
         #: Why inline rotation stopped, or ``None`` while it works.
         self.rotation_error: RekeyError | None = None
-        if policy is not None:
-            self._rekey_watch_peer()
+        self._rekey_info_callback = ffi.callback(
+            "void (*)(const SSL *, int, int)", self._rekey_info
+        )
+        _need("SSL_set_info_callback")(self._ssl, self._rekey_info_callback)
 
     @property
     def rotation_schedule(self) -> RotationSchedule | None:
@@ -563,9 +583,88 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         """
         return self._rekey_schedule
 
+    def set_info_callback(
+        self, callback: Callable[[SSL.Connection, int, int], object]
+    ) -> None:
+        """
+        As pyOpenSSL's ``Connection.set_info_callback`` (25.2 and later):
+        *callback* runs instead of the Context's info callback, for this
+        connection.  An exception it raises is re-raised by the call of this
+        connection that was running (``recv``, ``send``, ``do_handshake``...)
+        once OpenSSL has returned, never inside OpenSSL.
+        """
+        self._rekey_user_info = callback
+
+    def _rekey_info(self, ssl: Any, where: int, ret: int) -> None:
+        # Inside OpenSSL: record, never raise, never re-enter the state machine.
+        try:
+            user = self._rekey_user_info
+            if user is not None:
+                user(self, where, ret)
+            else:
+                previous = getattr(self._context, "_info_callback", None)
+                if previous is not None:
+                    previous(ssl, where, ret)
+        except BaseException as e:
+            if self._rekey_callback_error is None:
+                self._rekey_callback_error = e
+        if not where & lib.SSL_CB_LOOP:
+            return
+        try:
+            state = ffi.string(lib.SSL_state_string_long(ssl))
+            if not state.endswith(b"key update"):
+                return
+            if b" write " in state:
+                self.key_updates_sent += 1
+                return
+            self.key_updates_received += 1
+            # Right after reading it, a pending update_not_requested on our
+            # side means the peer asked us to update.
+            requested = get_key_update_type(self) is KeyUpdateType.NOT_REQUESTED
+            self.key_update_requests_received += requested
+            if self._rekey_schedule is not None:
+                self._rekey_schedule.peer_rotated(
+                    self._rekey_clock(), requested=requested
+                )
+        except Exception as e:
+            self.rotation_error = RekeyError(f"watching the peer failed: {e!r}")
+
+    def _rekey_reraise(self) -> None:
+        error, self._rekey_callback_error = self._rekey_callback_error, None
+        if error is not None:
+            raise error
+
+    def do_handshake(self) -> None:
+        """As :meth:`OpenSSL.SSL.Connection.do_handshake`."""
+        try:
+            super().do_handshake()
+        finally:
+            self._rekey_reraise()
+
+    def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
+        """As :meth:`OpenSSL.SSL.Connection.recv`."""
+        try:
+            return bytes(super().recv(bufsiz, flags))
+        finally:
+            self._rekey_reraise()
+
+    read = recv
+
+    def recv_into(
+        self, buffer: Any, nbytes: int | None = None, flags: int | None = None
+    ) -> int:
+        """As :meth:`OpenSSL.SSL.Connection.recv_into`."""
+        try:
+            return int(super().recv_into(buffer, nbytes, flags))
+        finally:
+            self._rekey_reraise()
+
     def send(self, buf: Any, flags: int = 0) -> int:
         """As :meth:`OpenSSL.SSL.Connection.send`, then the policy."""
-        sent = int(super().send(buf, flags))
+        try:
+            sent = int(super().send(buf, flags))
+        finally:
+            self._rekey_reraise()
         self._rekey_account(sent)
         return sent
 
@@ -573,7 +672,10 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
 
     def sendall(self, buf: Any, flags: int = 0) -> int:
         """As :meth:`OpenSSL.SSL.Connection.sendall`, then the policy."""
-        result = int(super().sendall(buf, flags))
+        try:
+            result = int(super().sendall(buf, flags))
+        finally:
+            self._rekey_reraise()
         try:
             nbytes = memoryview(buf).nbytes
         except TypeError:  # str, which old pyOpenSSL releases still encode
@@ -582,30 +684,6 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         return result
 
     # -- the policy, inline -----------------------------------------------------
-
-    def _rekey_watch_peer(self) -> None:
-        # OpenSSL calls an SSL's own info callback instead of its Context's:
-        # chain to the Context's so nothing installed there stops running.
-        previous = getattr(self._context, "_info_callback", None)
-
-        def info(ssl: Any, where: int, ret: int) -> None:
-            if previous is not None:
-                previous(ssl, where, ret)
-            schedule = self._rekey_schedule
-            if schedule is None or not where & lib.SSL_CB_LOOP:
-                return
-            try:
-                state = ffi.string(lib.SSL_state_string_long(ssl))
-                if state.endswith(b"key update") and b" read " in state:
-                    requested = get_key_update_type(self) is KeyUpdateType.NOT_REQUESTED
-                    schedule.peer_rotated(self._rekey_clock(), requested=requested)
-            except Exception as e:  # never let an exception cross into C
-                self.rotation_error = RekeyError(f"watching the peer failed: {e!r}")
-
-        self._rekey_info_callback = ffi.callback(
-            "void (*)(const SSL *, int, int)", info
-        )
-        _need("SSL_set_info_callback")(self._ssl, self._rekey_info_callback)
 
     def _rekey_start(self, now: float) -> RotationSchedule | None:
         assert self._rekey_policy is not None

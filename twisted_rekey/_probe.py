@@ -31,6 +31,7 @@ from OpenSSL import SSL
 
 from ._binding import capabilities
 from ._connection import (
+    RekeyConnection,
     key_update,
     renegotiate,
     renegotiate_pending,
@@ -521,7 +522,7 @@ def _open(
     result = VersionResult(requested=version)
     ctx, verify_errors = _context(options, version)
     sock = _connect(addresses, options.timeout, label)
-    conn = SSL.Connection(ctx, None)
+    conn = RekeyConnection(ctx, None)
     conn.set_connect_state()
     name = options.servername or options.host
     if not _is_ip(name):
