@@ -61,16 +61,20 @@ _schedulers: weakref.WeakKeyDictionary[
 def granularityFor(policy: RotationPolicy) -> float:
     """
     The timer bucket width that suits *policy*: one second, or less when
-    the policy's ``min_interval`` is below two seconds, so that the
-    rounding stays within half of the floor between two rotations.
+    its shortest timed interval is below four seconds, so that rounding a
+    deadline up stays within a quarter of that interval.
 
     :param policy: the policy.
     :returns: a bucket width in seconds.
 
     .. versionadded:: 0.1.0
     """
+    timed = [
+        x for x in (policy.interval, policy.request_peer_interval) if x is not None
+    ]
+    target = min([1.0, *(x / 4 for x in timed)])
     for width in _GRANULARITIES:
-        if width <= policy.min_interval / 2:
+        if width <= target:
             return width
     return _GRANULARITIES[-1]
 
@@ -114,6 +118,7 @@ class RotationDriver:
         "_clock",
         "_inFlight",
         "_owner",
+        "_pending",
         "_scheduler",
         "_stopped",
         "_timer",
@@ -138,6 +143,8 @@ class RotationDriver:
         self._timer = self._fired
         self._armed: float | None = None
         self._inFlight: RotationAction | None = None
+        # A rotation a write made due, performed once that write returned.
+        self._pending: Any = None
         self._stopped = schedule.disabled_reason is not None
 
     @classmethod
@@ -206,7 +213,12 @@ class RotationDriver:
             now = self._clock.seconds()
             action = self.schedule.data_sent(now, nbytes)
             if action is not None:
-                self._perform(action, now)
+                # Not from inside the write: a rotation flushes the writes
+                # Twisted still buffers, and the one running now is
+                # Twisted's own flush, which would then send its data twice.
+                self._inFlight = action
+                self._disarm()
+                self._pending = self._clock.callLater(0, self._performPending, action)
             elif self._armed is None:
                 # Idle until now (skip_idle): a timed rotation may be due again.
                 self._arm()
@@ -238,6 +250,9 @@ class RotationDriver:
         """The connection is gone: forget its deadline, ignore what follows."""
         self._stopped = True
         self._disarm()
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.active():
+            pending.cancel()
 
     # -- timers
 
@@ -270,6 +285,15 @@ class RotationDriver:
             self._crashed()
 
     # -- actions
+
+    def _performPending(self, action: RotationAction) -> None:
+        self._pending = None
+        if self._stopped:
+            return
+        try:
+            self._perform(action, self._clock.seconds())
+        except Exception:
+            self._crashed()
 
     def _perform(self, action: RotationAction, now: float) -> None:
         self._inFlight = action
@@ -390,8 +414,13 @@ class RotatingFactory(WrappingFactory):
     :param clock: the time provider of the rotation timers and timeouts;
         ``None`` uses the TLS transport's clock, else the global reactor.
     :param granularity: the width of a timer bucket in seconds; ``None``
-        derives it from the policy (one second unless its ``min_interval``
-        is below two seconds).
+        derives it from the policy (one second unless its interval is below
+        four seconds).
+
+    On TLS 1.2 a rotation is a renegotiation, and a client's is refused by
+    OpenSSL 3 servers unless they allow it: the connection then fails
+    ("no renegotiation").  Give TLS 1.2 clients a policy only for servers
+    that accept client-initiated renegotiation.
 
     .. versionadded:: 0.1.0
     """

@@ -1,0 +1,480 @@
+"""
+Rotation on a policy, driven by reactor timers: in memory (``iosim`` with a
+shared ``task.Clock``) with synthetic traffic.  Wire-level proofs are in
+``test_rotation_loopback.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from test_protocol import (  # noqa: F401 (events is a fixture)
+    Events,
+    Peer,
+    _client_options,
+    _result,
+    _server_options,
+    events,
+)
+from twisted.internet import protocol, task
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.wire import Echo
+from twisted.test import iosim
+from zope.interface import implementer
+
+import twisted_rekey
+from twisted_rekey import (
+    RekeyProtocolMixin,
+    RotatingFactory,
+    RotatingProtocol,
+    RotationPolicy,
+    RotationScheduler,
+)
+from twisted_rekey._rotation import granularityFor, schedulerFor
+
+
+class Link:
+    """One in-memory TLS connection on a clock shared with others."""
+
+    def __init__(
+        self,
+        cert_files: Any,
+        clock: task.Clock,
+        serverFactory: protocol.Factory,
+        clientFactory: protocol.Factory,
+        version: str = "1.3",
+    ) -> None:
+        sf = TLSMemoryBIOFactory(
+            _server_options(cert_files, version), False, serverFactory, clock
+        )
+        cf = TLSMemoryBIOFactory(
+            _client_options(cert_files), True, clientFactory, clock
+        )
+        c, s, self.pump = iosim.connectedServerAndClient(
+            lambda: sf.buildProtocol(None),
+            lambda: cf.buildProtocol(None),
+            clock=clock,
+        )
+        self.client: Any = c.wrappedProtocol
+        self.server: Any = s.wrappedProtocol
+        self.pump.flush()
+
+    def close(self) -> None:
+        self.client.transport.loseConnection()
+        self.pump.flush()
+
+
+def link(
+    cert_files: Any,
+    clock: task.Clock,
+    policy: RotationPolicy | None,
+    version: str = "1.3",
+    side: str = "client",
+    granularity: float | None = None,
+    serverClass: type[Peer] = Peer,
+) -> Link:
+    """A link whose *side* (a :class:`Peer`) has *policy*."""
+
+    class Rotating(Peer):
+        rotationPolicy = policy
+        rotationGranularity = granularity
+
+    ours: type[Peer] = Rotating
+    if side == "server":
+        return Link(
+            cert_files,
+            clock,
+            protocol.Factory.forProtocol(type("S", (ours, serverClass), {})),
+            protocol.Factory.forProtocol(Peer),
+            version,
+        )
+    return Link(
+        cert_files,
+        clock,
+        protocol.Factory.forProtocol(serverClass),
+        protocol.Factory.forProtocol(ours),
+        version,
+    )
+
+
+def advance(clock: task.Clock, links: list[Link], seconds: float, step: float) -> None:
+    for _ in range(round(seconds / step)):
+        clock.advance(step)
+        for each in links:
+            each.pump.flush()
+
+
+# -- time --------------------------------------------------------------------------
+
+
+def test_interval_with_jitter_bounds_over_many_connections(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=60, jitter=0.2, rng=random.Random(1))
+    links = [link(cert_files, clock, policy) for _ in range(24)]
+    for each in links:
+        each.client.transport.write(b"data")
+        each.pump.flush()
+    # One pending call for all of them: the deadlines are coalesced.
+    assert len(clock.getDelayedCalls()) == 1
+    first: dict[int, float] = {}
+    for _ in range(80):
+        clock.advance(1)
+        for i, each in enumerate(links):
+            each.pump.flush()
+            if each.client.rekeyStats.keyUpdatesSent and i not in first:
+                first[i] = clock.seconds()
+    assert len(first) == len(links)
+    # Each drawn in [48, 72] and rounded up to the 1 s bucket.
+    assert all(48 <= t <= 73 for t in first.values()), first
+    assert len(set(first.values())) >= 8, "jitter spread them"
+    for each in links:
+        schedule = each.client.rotationSchedule
+        assert schedule.rotations == 1 and schedule.method == "key-update"
+        assert each.server.updates == [False]
+    # Idle since their rotation: nothing left to time (skip_idle).
+    assert clock.getDelayedCalls() == []
+    for each in links:
+        each.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_repeated_intervals_with_traffic(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=10, jitter=0.1, rng=random.Random(2))
+    one = link(cert_files, clock, policy)
+    for _ in range(100):
+        one.client.transport.write(b"tick")
+        advance(clock, [one], 1, 1)
+    # 100 s at ~10 s (+ up to 1 s of rounding): 8 to 11 rotations.
+    rotations = one.client.rotationSchedule.rotations
+    assert 8 <= rotations <= 11
+    assert len(one.server.updates) == rotations
+    assert one.server.received == b"tick" * 100
+    one.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_skip_idle(cert_files: Any) -> None:
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0))
+    advance(clock, [one], 300, 5)
+    assert one.client.rekeyStats.keyUpdatesSent == 0
+    assert clock.getDelayedCalls() == []
+    # Data makes the overdue rotation due again: at once.
+    one.client.transport.write(b"now")
+    one.pump.flush()
+    assert one.client.rekeyStats.keyUpdatesSent == 1
+    assert one.server.received == b"now"
+    one.close()
+
+
+def test_no_skip_idle_rotates_idle_connections(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=5, jitter=0, skip_idle=False)
+    one = link(cert_files, clock, policy)
+    advance(clock, [one], 31, 1)
+    assert one.client.rekeyStats.keyUpdatesSent == 6
+    assert one.server.updates == [False] * 6
+    one.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_granularity_follows_min_interval(cert_files: Any) -> None:
+    assert granularityFor(RotationPolicy(interval=60)) == 1.0
+    fast = RotationPolicy(interval=0.1, min_interval=0.05)
+    assert granularityFor(fast) == 0.025
+    assert granularityFor(RotationPolicy(interval=2)) == 0.5
+    assert granularityFor(RotationPolicy(max_bytes=1 << 30)) == 1.0
+    clock = task.Clock()
+    assert schedulerFor(clock, 1.0) is RotationScheduler.forReactor(clock)
+    assert schedulerFor(clock, 0.025) is schedulerFor(clock, 0.025)
+    assert schedulerFor(clock, 0.025).granularity == 0.025
+    one = link(cert_files, clock, RotationPolicy(interval=0.1, min_interval=0.05))
+    one.client.transport.write(b"x")
+    one.pump.flush()
+    advance(clock, [one], 0.2, 0.025)
+    assert one.client.rekeyStats.keyUpdatesSent == 1
+    one.close()
+
+
+# -- amounts -----------------------------------------------------------------------
+
+
+def test_byte_threshold(cert_files: Any) -> None:
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(max_bytes=1000, min_interval=1))
+    clock.advance(1)  # min_interval counts from the handshake too
+    one.client.transport.write(b"a" * 600)
+    one.pump.flush()
+    assert one.server.updates == []
+    one.client.transport.write(b"b" * 600)
+    one.pump.flush()
+    # At the write that crossed it, with no timer involved.
+    assert one.server.updates == [False]
+    assert one.client.rotationSchedule.bytes_sent == 0
+    assert one.server.received == b"a" * 600 + b"b" * 600
+    # Past the threshold again within min_interval: waits for the floor.
+    one.client.transport.write(b"c" * 1200)
+    one.pump.flush()
+    assert one.server.updates == [False]
+    advance(clock, [one], 1, 1)
+    assert one.server.updates == [False, False]
+    one.close()
+
+
+def test_record_threshold(cert_files: Any) -> None:
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(max_records=3, min_interval=1))
+    clock.advance(1)
+    for _ in range(3):
+        one.client.transport.write(b"r")
+        one.pump.flush()
+    assert one.server.updates == [False]
+    one.close()
+
+
+def test_aead_limit_by_default(cert_files: Any) -> None:
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy())
+    schedule = one.client.rotationSchedule
+    # TLS 1.3 here negotiates an AES-GCM suite: rustls's 2**23 records.
+    assert "GCM" in one.client.transport.getHandle().get_cipher_name()
+    assert schedule.record_limit == 2**23
+    assert schedule.interval_deadline is None
+    # Only the record limit can trigger: no timer, whatever the traffic.
+    one.client.transport.write(b"x" * 100_000)
+    one.pump.flush()
+    assert clock.getDelayedCalls() == []
+    # Near the limit, the next write rotates.
+    clock.advance(1)
+    schedule._records = 2**23 - 1
+    one.client.transport.write(b"y")
+    one.pump.flush()
+    assert one.server.updates == [False]
+    one.close()
+
+
+# -- the peer's key ----------------------------------------------------------------
+
+
+def test_request_peer_one_outstanding(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(request_peer_interval=10, jitter=0, aead_limit=False)
+    one = link(cert_files, clock, policy)
+    one.client.transport.write(b"x")
+    clock.advance(10)  # due; the peer's answer is not pumped yet
+    schedule = one.client.rotationSchedule
+    assert one.client.rekeyStats.keyUpdatesRequested == 1
+    assert schedule.request_outstanding
+    # Long past the next deadline, still unanswered: no second request.
+    one.client.transport.write(b"y")
+    clock.advance(30)
+    assert one.client.rekeyStats.keyUpdatesSent == 1
+    one.pump.flush()
+    assert one.server.updates == [True]
+    assert one.client.updates == [False]
+    assert not schedule.request_outstanding and schedule.peer_rotations == 1
+    # The answer re-arms the request deadline.
+    one.client.transport.write(b"z")
+    advance(clock, [one], 11, 1)
+    assert one.client.rekeyStats.keyUpdatesRequested == 2
+    assert one.server.updates == [True, True]
+    one.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_peer_rotation_restarts_the_interval(cert_files: Any) -> None:
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(interval=10, jitter=0))
+    one.client.transport.write(b"x")
+    advance(clock, [one], 8, 1)
+    # The peer asks: our answer is a new sending key, so the interval restarts.
+    one.server.keyUpdate(requestPeer=True)
+    one.pump.flush()
+    assert one.client.rotationSchedule.peer_rotations == 1
+    one.client.transport.write(b"x")
+    advance(clock, [one], 5, 1)
+    assert one.client.rotationSchedule.rotations == 0
+    advance(clock, [one], 6, 1)
+    assert one.client.rotationSchedule.rotations == 1
+    one.close()
+
+
+# -- TLS 1.2 -----------------------------------------------------------------------
+
+
+def test_tls12_renegotiates(cert_files: Any, events: Events) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=10, jitter=0)
+    one = link(cert_files, clock, policy, version="1.2", side="server")
+    schedule = one.server.rotationSchedule
+    assert schedule.method == "renegotiation"
+    one.server.transport.write(b"x")
+    advance(clock, [one], 11, 1)
+    assert schedule.rotations == 1
+    assert one.server.renegotiationsSeen == one.client.renegotiationsSeen == 1
+    assert "renegotiation_started" in events.names()
+    # A renegotiation the peer starts renews our key too.
+    one.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_tls12_client_refused_fails_the_connection(
+    cert_files: Any, events: Events
+) -> None:
+    # OpenSSL 3 servers refuse client renegotiation by default, and the
+    # client's OpenSSL then fails the connection ("no renegotiation"): what
+    # RotatingFactory documents.  Nothing is left pending or logged as an error.
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2")
+    one.client.transport.write(b"x")
+    advance(clock, [one], 6, 1)
+    assert "renegotiation_refused" in events.names()
+    assert one.client.lost is not None and one.server.lost is not None
+    assert one.client.rotationSchedule.rotations == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_tls12_allowed_client_renegotiates(cert_files: Any) -> None:
+    class Allowing(Peer):
+        allowClientRenegotiation = True
+
+    clock = task.Clock()
+    policy = RotationPolicy(interval=5, jitter=0)
+    one = link(cert_files, clock, policy, "1.2", serverClass=Allowing)
+    one.client.transport.write(b"x")
+    advance(clock, [one], 6, 1)
+    assert one.client.rotationSchedule.rotations == 1
+    assert one.server.renegotiationsSeen == 1
+    one.close()
+
+
+def test_tls12_without_secure_renegotiation_left_alone(
+    cert_files: Any, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OpenSSL always offers RFC 5746 and has no switch to stop it, so a peer
+    # without it is simulated: the driver is told the peer lacks it.
+    monkeypatch.setattr(
+        "twisted_rekey._rotation.secure_renegotiation_support", lambda conn: False
+    )
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2", "server")
+    disabled = [e for e in events.events if e["rekey_event"] == "rotation_disabled"]
+    assert len(disabled) == 1
+    assert "secure renegotiation" in disabled[0]["reason"]
+    assert one.server.rotationSchedule.method is None
+    one.server.transport.write(b"x")
+    advance(clock, [one], 30, 1)
+    assert one.server.renegotiationsSeen == 0
+    assert clock.getDelayedCalls() == []
+    assert [e["rekey_event"] for e in events.events].count("rotation_disabled") == 1
+    one.close()
+
+
+# -- lifetime ----------------------------------------------------------------------
+
+
+def test_timers_cancelled_on_loss(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=60, request_peer_interval=120)
+    links = [link(cert_files, clock, policy) for _ in range(5)]
+    for each in links:
+        each.client.transport.write(b"x")
+        each.pump.flush()
+    scheduler = RotationScheduler.forReactor(clock)
+    assert len(scheduler) == 5 and len(clock.getDelayedCalls()) == 1
+    for i, each in enumerate(links):
+        if i % 2:
+            each.client.transport.loseConnection()
+        else:
+            each.server.transport.abortConnection()
+        each.pump.flush()
+    assert len(scheduler) == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_loss_while_request_unanswered(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(request_peer_interval=5, jitter=0, aead_limit=False)
+    one = link(cert_files, clock, policy)
+    one.client.transport.write(b"x")
+    clock.advance(5)
+    assert one.client.rotationSchedule.request_outstanding
+    one.client.transport.abortConnection()
+    one.pump.flush()
+    assert clock.getDelayedCalls() == []
+
+
+def test_no_policy_no_schedule(cert_files: Any) -> None:
+    clock = task.Clock()
+    one = link(cert_files, clock, None)
+    assert one.client.rotationSchedule is None
+    one.client.transport.write(b"x")
+    one.pump.flush()
+    assert clock.getDelayedCalls() == []
+    one.close()
+
+
+# -- the factory wrapper -----------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class Listening(Echo):
+    handshakes = 0
+
+    def handshakeCompleted(self) -> None:
+        self.handshakes += 1
+
+
+def test_factory_wrapper_on_unchanged_echo(cert_files: Any) -> None:
+    clock = task.Clock()
+    inner = protocol.Factory.forProtocol(Listening)
+    policy = RotationPolicy(interval=10, jitter=0.1)
+    factory = RotatingFactory(inner, policy)
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
+    wrapper = one.server
+    assert isinstance(wrapper, RotatingProtocol)
+    assert isinstance(wrapper, RekeyProtocolMixin)
+    assert type(wrapper.wrappedProtocol) is Listening
+    assert wrapper.wrappedProtocol.handshakes == 1
+    sent = b""
+    for i in range(60):
+        chunk = b"%d," % i
+        sent += chunk
+        one.client.transport.write(chunk)
+        advance(clock, [one], 1, 1)
+    assert one.client.received == sent
+    rotations = wrapper.rotationSchedule.rotations
+    assert 5 <= rotations <= 7
+    assert len(one.client.updates) == rotations == wrapper.rekeyStats.keyUpdatesSent
+    one.close()
+    assert clock.getDelayedCalls() == []
+    assert factory.protocols == {}
+
+
+def test_factory_wrapper_checks_arguments() -> None:
+    inner = protocol.Factory.forProtocol(Echo)
+    with pytest.raises(TypeError):
+        RotatingFactory(inner, 60)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        RotatingFactory(inner, RotationPolicy(interval=5), granularity=0)
+
+
+def test_factory_wrapper_without_policy_can_rekey(cert_files: Any) -> None:
+    clock = task.Clock()
+    factory = RotatingFactory(protocol.Factory.forProtocol(Echo), None)
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
+    done = _result(one.server.rekey())
+    one.pump.flush()
+    assert done == [None] and one.client.updates == [False]
+    assert one.server.rotationSchedule is None
+    one.close()
+
+
+def test_lazy_exports() -> None:
+    for name in ("RotatingFactory", "RotatingProtocol"):
+        assert name in twisted_rekey.__all__
+        assert name in dir(twisted_rekey)
