@@ -758,7 +758,7 @@ class RekeyProtocolMixin:
         connection is lost).  ``None``: only when asked.
     :ivar rotationGranularity: the width of the rotation timers' buckets,
         in seconds; ``None`` derives it from the policy (one second, less
-        when its ``min_interval`` is below two seconds).
+        when its interval is below four seconds).
 
     .. versionadded:: 0.1.0
     """
