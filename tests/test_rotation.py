@@ -7,19 +7,14 @@ shared ``task.Clock``) with synthetic traffic.  Wire-level proofs are in
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_protocol import (  # noqa: F401 (events is a fixture)
-    Events,
-    Peer,
-    _client_options,
-    _result,
-    _server_options,
-    events,
-)
+from test_protocol import Events, Peer, _client_options, _result, _server_options
 from twisted.internet import protocol, task
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.protocols.wire import Echo
 from twisted.test import iosim
@@ -34,6 +29,14 @@ from twisted_rekey import (
     RotationScheduler,
 )
 from twisted_rekey._rotation import granularityFor, schedulerFor
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    observer = Events()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
 
 
 class Link:
