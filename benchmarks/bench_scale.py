@@ -150,14 +150,21 @@ def server(args: argparse.Namespace) -> None:
     port = reactor.listenTCP(0, tlsFactory, backlog=1024, interface="127.0.0.1")
     print(f"PORT {port.getHost().port}", flush=True)
 
+    progress = [0, time.monotonic()]
+
     def poll() -> None:
         nonlocal handshakes
         handshakes = sum(1 for p in built if p._handshakeDone)
-        if handshakes < args.connections:
-            reactor.callLater(0.5, poll)
+        if handshakes != progress[0]:
+            progress[:] = [handshakes, time.monotonic()]
+            print(f"  | server: {handshakes} handshakes", file=sys.stderr)
+        stalled = time.monotonic() - progress[1] > 15
+        if handshakes < args.connections and not stalled:
+            reactor.callLater(1.0, poll)
             return
+        result["handshakes"] = handshakes
         gc.collect()
-        result["rss_per_connection"] = (_rss() - rssBefore) / args.connections
+        result["rss_per_connection"] = (_rss() - rssBefore) / handshakes
         for p in built:
             wrappers.append(p.wrappedProtocol)
         if policy is not None:
@@ -238,7 +245,8 @@ def client(args: argparse.Namespace) -> None:
 
         def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
             state["failed"] += 1
-            print(f"connection failed: {reason.getErrorMessage()}", flush=True)
+            if state["failed"] % 100 == 1:
+                print(f"connection failed: {reason.getErrorMessage()}", flush=True)
             more()
 
     factory = F()
@@ -299,7 +307,7 @@ def run(mode: str, args: argparse.Namespace, certs: str) -> dict[str, Any]:
         port = _readLine(srv, "PORT ", 30)
         cli = subprocess.Popen(
             [*me, "--role=client", f"--port={port}", *common],
-            stdout=subprocess.PIPE,
+            stdout=sys.stderr,
             text=True,
         )
         setup = args.connections / 100 + 60
