@@ -615,6 +615,27 @@ def test_stats_bytes_and_time(cert_files: Any) -> None:
     assert pair.server.rekeyStats.bytesReceivedSinceRotation == 0
 
 
+def test_bytes_sent_counts_only_what_openssl_took(cert_files: Any) -> None:
+    """
+    A write during a renegotiation is re-buffered by Twisted (OpenSSL wants
+    to read first): it counts once it went through, not before, not twice.
+    """
+    pair = Pair(cert_files, "1.2", serverClass=AllowingServer)
+    pair.client.renegotiate()
+    pair.pump.pump(advanceClock=False)
+    tls: Any = pair.client.transport
+    tls.write(b"a" * 100_000)
+    aggregator = getattr(tls, "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()
+    assert b"".join(tls._appSendBuffer) == b"a" * 100_000
+    assert pair.client.rekeyStats.bytesSent == 0
+    pair.pump.flush()
+    assert pair.client.rekeyStats.bytesSent == 100_000
+    assert pair.server.rekeyStats.bytesReceived == len(pair.server.received)
+    assert bytes(pair.server.received) == b"a" * 100_000
+
+
 def test_scheduler_entry_point(cert_files: Any, events: Events) -> None:
     pair = Pair(cert_files)
     done = _result(pair.client._rekeyNow(True, "policy: test"))

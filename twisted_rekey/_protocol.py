@@ -195,6 +195,9 @@ class _Watcher:
         self.refusing = False
         self.callbackErrors: list[BaseException] = []
         self.inARow = 0
+        # bytesReceived when the last KeyUpdate was read: the data path
+        # keeps one counter only, the KeyUpdate path compares.
+        self.bytesAtLastUpdate = 0
         self.floodReason: str | None = None
         self.updateTimes: deque[float] = deque()
         self.clientRenegTimes: deque[float] = deque()
@@ -228,12 +231,13 @@ class _Watcher:
         self.tlsDataReceived = tls.dataReceived
         self.tlsConnectionLost = tls.connectionLost
         self.tlsWrite = tls._write
+        self.tlsBufferedWrite = tls._bufferedWrite
         tls.dataReceived = self.dataReceived  # type: ignore[method-assign]
         tls.connectionLost = self.connectionLost  # type: ignore[method-assign]
         tls._write = self.write  # type: ignore[method-assign]
+        tls._bufferedWrite = self.bufferedWrite  # type: ignore[method-assign]
         protocol: Any = owner
-        self.appDataReceived = protocol.dataReceived
-        protocol.dataReceived = self.appData
+        protocol.dataReceived = self.wrapAppData(protocol.dataReceived)
 
     # -- inside OpenSSL: record only, never raise, never call SSL_* that
     # -- could re-enter the state machine.
@@ -263,6 +267,9 @@ class _Watcher:
                         get_key_update_type(self.conn) == KeyUpdateType.NOT_REQUESTED
                     )
                     self.peerUpdates.append(requested)
+                    if self.bytesReceived != self.bytesAtLastUpdate:
+                        self.bytesAtLastUpdate = self.bytesReceived
+                        self.inARow = 0
                     self.inARow += 1
                     limit = self.owner.keyUpdateFloodLimit
                     if limit is not None and self.inARow > limit:
@@ -341,22 +348,31 @@ class _Watcher:
         if self.dirty:
             self.process()
 
-    def appData(self, data: bytes) -> None:
-        self.inARow = 0
-        self.bytesReceived += len(data)
-        self.appDataReceived(data)
+    def wrapAppData(self, appDataReceived: Callable[[bytes], None]) -> Any:
+        # Called once per TLS record of data, so as little as can be: a
+        # closure (no attribute lookups for itself) and one counter.
+        watcher = self
+
+        def appData(data: bytes) -> None:
+            watcher.bytesReceived += len(data)
+            appDataReceived(data)
+
+        return appData
 
     def write(self, data: bytes) -> None:
-        buffered = self.tls._appSendBuffer
-        before = len(buffered)
+        # Counted up front: bufferedWrite() takes back what OpenSSL could
+        # not take yet, which is counted when it comes through here again.
+        before = self.bytesSent
+        self.bytesSent = before + len(data)
         self.tlsWrite(data)
-        after = self.tls._appSendBuffer
-        # Bytes OpenSSL could not take yet are re-buffered and counted when
-        # they go through here again.
-        unsent = len(after[-1]) if after is buffered and len(after) > before else 0
-        self.bytesSent += len(data) - unsent
         if self.rotation is not None:
-            self.rotation.dataSent(len(data) - unsent)
+            self.rotation.dataSent(self.bytesSent - before)
+
+    def bufferedWrite(self, data: bytes) -> None:
+        # Only TLSMemoryBIOProtocol._write re-buffers, with bytes that went
+        # through write() above.
+        self.bytesSent -= len(data)
+        self.tlsBufferedWrite(data)
 
     def connectionLost(self, reason: Failure) -> None:
         try:
