@@ -1,0 +1,652 @@
+"""
+What the ``rekey-echo`` and ``rekey-tunnel`` twistd plugins share: the
+rotation and TLS options, the reading of certificates and endpoint strings,
+and a listening service that fails with one clear line.
+
+Everything a user can get wrong is checked in ``postOptions``, before
+twistd starts anything, and reported as one line naming the option at fault.
+
+This module must never listen, connect or write a file while options are
+parsed (except making the default certificate, in its own state directory),
+and never listen on anything but loopback unless told to by an endpoint
+string.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Optional, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.application import service
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
+from twisted.python import usage
+
+from ._certs import DefaultCertificate, ensure_default_certificate, fingerprint
+from ._policy import RotationPolicy
+
+__all__ = [
+    "CommandLineOptions",
+    "EndpointSpec",
+    "ListeningService",
+    "RotationOptionsMixin",
+    "ServerCertificateMixin",
+    "TLSVersionMixin",
+    "parseEndpoint",
+]
+
+_log = Logger()
+
+DEFAULT_INTERVAL = 5.0
+DEFAULT_MIN_INTERVAL = 1.0
+
+_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+# Keys of Twisted's ssl: endpoint strings that the plugins take as options
+# instead (the TLS layer is the plugins' own, so that it can rotate keys).
+_SERVER_TLS_KEYS = {"privateKey": "--key", "certKey": "--cert"}
+_SERVER_TLS_REFUSED = {
+    "extraCertChain": "put the chain in the --cert file, after the certificate",
+    "dhParameters": "finite-field DH is not offered; ECDHE is",
+    "sslmethod": "use --tls-min and --tls-max",
+}
+_CLIENT_TLS_REFUSED = {
+    "caCertsDir": "use --cafile",
+    "certKey": "client certificates are not supported",
+    "privateKey": "client certificates are not supported",
+}
+
+
+# -- small parsers ---------------------------------------------------------------
+
+
+def parseSeconds(name: str, value: str) -> float:
+    """A number of seconds > 0, for option *name*."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"{name} must be a number of seconds, not {value!r}"
+        ) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise usage.UsageError(f"{name} must be more than 0 seconds, not {value}")
+    return seconds
+
+
+def parseSize(name: str, value: str) -> int:
+    """A byte count > 0 such as ``1048576``, ``64K``, ``1MiB`` or ``2G``."""
+    match = _SIZE.match(value)
+    if match is None:
+        raise usage.UsageError(
+            f"{name} must be a number of bytes (such as 65536, 64K, 1M, 1GiB), "
+            f"not {value!r}"
+        )
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size <= 0:
+        raise usage.UsageError(f"{name} must be more than 0 bytes, not {value}")
+    return size
+
+
+def _readable(option: str, path: str) -> Path:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise usage.UsageError(f"{option} {path}: {e.strerror or e}".rstrip()) from None
+    return Path(path)
+
+
+# -- endpoint strings ------------------------------------------------------------
+
+
+def _splitUnescaped(text: str, separator: str, limit: int = -1) -> list[str]:
+    """Split on *separator* where not escaped by a backslash; keep escapes."""
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in text:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            current.append(ch)
+            escaped = True
+        elif ch == separator and (limit < 0 or len(parts) < limit):
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """
+    An endpoint string as the plugins use it.
+
+    :ivar description: the string as given.
+    :ivar plain: the string of the byte stream under TLS: an ``ssl:`` string
+        becomes the ``tcp:`` string of the same address, so that the TLS
+        layer (and its key rotation) is the plugin's own.
+    :ivar tls: whether the string asked for TLS (``ssl:``).
+    :ivar tlsArguments: the TLS keys taken out of an ``ssl:`` string
+        (``privateKey``, ``certKey``), unescaped.
+    :ivar host: a client string's host (``tcp:``/``ssl:``), else ``None``.
+    """
+
+    description: str
+    plain: str
+    tls: bool
+    tlsArguments: dict[str, str]
+    host: Optional[str] = None
+
+
+def parseEndpoint(option: str, description: str, server: bool) -> EndpointSpec:
+    """
+    Check an endpoint string the way Twisted parses it, and take TLS out of
+    an ``ssl:`` one.
+
+    :param option: the option's name, for the error message.
+    :param server: a server endpoint (``--endpoint``, ``--listen``) or a
+        client one (``--connect``).
+    :raises usage.UsageError: one line saying what is wrong.
+    """
+    from twisted.internet import endpoints, reactor
+
+    segments = _splitUnescaped(description, ":")
+    kind = segments[0].strip().lower()
+    tls = kind == "ssl"
+    tlsArguments: dict[str, str] = {}
+    plain = description
+    if tls:
+        kept = ["tcp"]
+        refused = _SERVER_TLS_REFUSED if server else _CLIENT_TLS_REFUSED
+        accepted = _SERVER_TLS_KEYS if server else {}
+        for segment in segments[1:]:
+            pair = _splitUnescaped(segment, "=", 1)
+            key = _unescape(pair[0]) if len(pair) == 2 else None
+            if key in refused:
+                raise usage.UsageError(
+                    f"{option} {description}: {key}= is not supported here "
+                    f"({refused[key]})"
+                )
+            if key in accepted:
+                tlsArguments[key] = _unescape(pair[1])
+                continue
+            kept.append(segment)
+        plain = ":".join(kept)
+    try:
+        parse: Any = (
+            endpoints.serverFromString if server else endpoints.clientFromString
+        )
+        parse(reactor, plain)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise usage.UsageError(
+            f"{option} {description}: not a valid endpoint string ({detail})"
+        ) from None
+    host = None
+    if not server and kind in ("tcp", "ssl"):
+        positional = [
+            _unescape(seg)
+            for seg in segments[1:]
+            if len(_splitUnescaped(seg, "=")) == 1
+        ]
+        named = {
+            _unescape(pair[0]): _unescape(pair[1])
+            for pair in (_splitUnescaped(seg, "=", 1) for seg in segments[1:])
+            if len(pair) == 2
+        }
+        host = named.get("host", positional[0] if positional else None)
+    return EndpointSpec(description, plain, tls, tlsArguments, host)
+
+
+def describePolicy(policy: Optional[RotationPolicy]) -> str:
+    """One line saying what *policy* does, for the start-up log."""
+    if policy is None:
+        return "no rotation by policy"
+    parts = []
+    if policy.interval is not None:
+        jitter = f" (±{policy.jitter:.0%})" if policy.jitter else ""
+        idle = ", skipped while idle" if policy.skip_idle else ""
+        parts.append(f"every {policy.interval:g} s{jitter}{idle}")
+    if policy.max_bytes is not None:
+        parts.append(f"after {policy.max_bytes} bytes sent")
+    if policy.request_peer_interval is not None:
+        parts.append(f"asking the peer every {policy.request_peer_interval:g} s")
+    if policy.aead_limit:
+        parts.append("before the cipher's AEAD limit")
+    return (
+        "rotate keys "
+        + ", ".join(parts)
+        + f"; at least {policy.min_interval:g} s apart"
+    )
+
+
+# -- options ---------------------------------------------------------------------
+
+
+class CommandLineOptions(usage.Options):
+    """
+    Options that report a usage error on one line of stderr and exit 1,
+    instead of twistd's whole help text followed by the error.
+
+    Subclasses set :attr:`commandName`.  :meth:`check` raises the
+    :class:`~twisted.python.usage.UsageError` the one line is made of, for
+    code that parses options itself.
+    """
+
+    commandName = "twistd"
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            self.exit(str(e))
+
+    def exit(self, message: str) -> NoReturn:
+        sys.stderr.write(f"twistd {self.commandName}: error: {message}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
+
+    def check(self, options: list[str]) -> None:
+        """Parse *options*, raising :class:`usage.UsageError` on bad input."""
+        usage.Options.parseOptions(self, options)  # type: ignore[no-untyped-call]
+
+
+class RotationOptionsMixin(usage.Options):
+    """``--interval``, ``--bytes``, ``--min-interval``, ``--request-peer``."""
+
+    optParameters: list[Any] = [
+        [
+            "interval",
+            None,
+            str(DEFAULT_INTERVAL),
+            "Seconds between timed key rotations (with jitter of 10%), or "
+            "'off'.  A connection that sent nothing since its last rotation "
+            "skips one.",
+        ],
+        [
+            "bytes",
+            None,
+            None,
+            "Also rotate after this many application bytes sent under one key "
+            "(such as 1048576, 64K, 1M, 1GiB).",
+        ],
+        [
+            "min-interval",
+            None,
+            str(DEFAULT_MIN_INTERVAL),
+            "The least seconds between two rotations, whatever triggered them "
+            "(GnuTLS drops a peer at the 9th KeyUpdate within one second).",
+        ],
+    ]
+    optFlags: list[Any] = [
+        [
+            "request-peer",
+            None,
+            "At each timed rotation, also ask the peer to rotate its keys "
+            "(TLS 1.3 KeyUpdate with update_requested).",
+        ],
+    ]
+
+    def makePolicy(self) -> RotationPolicy:
+        """The :class:`RotationPolicy` these options describe."""
+        text = str(self["interval"]).strip()
+        interval = (
+            None
+            if text.lower() in ("off", "none")
+            else parseSeconds("--interval", text)
+        )
+        minInterval = parseSeconds("--min-interval", str(self["min-interval"]))
+        maxBytes = None
+        if self["bytes"] is not None:
+            maxBytes = parseSize("--bytes", str(self["bytes"]))
+        requestPeer = None
+        if self["request-peer"]:
+            if interval is None:
+                raise usage.UsageError("--request-peer needs an --interval")
+            requestPeer = interval
+        if interval is not None and interval < minInterval:
+            raise usage.UsageError(
+                f"--interval {text} is shorter than --min-interval "
+                f"{self['min-interval']}"
+            )
+        try:
+            return RotationPolicy(
+                interval=interval,
+                max_bytes=maxBytes,
+                min_interval=minInterval,
+                request_peer_interval=requestPeer,
+            )
+        except (TypeError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class TLSVersionMixin(usage.Options):
+    """``--tls-min`` and ``--tls-max``."""
+
+    optParameters: list[Any] = [
+        ["tls-min", None, "1.2", "The oldest TLS version allowed: 1.2 or 1.3."],
+        ["tls-max", None, "1.3", "The newest TLS version allowed: 1.2 or 1.3."],
+    ]
+
+    def tlsVersions(self) -> dict[str, Any]:
+        """``CertificateOptions`` arguments for the allowed versions."""
+        lowest, highest = (str(self[k]).strip() for k in ("tls-min", "tls-max"))
+        for name, value in (("--tls-min", lowest), ("--tls-max", highest)):
+            if value not in _VERSIONS:
+                raise usage.UsageError(f"{name} must be 1.2 or 1.3, not {value!r}")
+        if float(lowest) > float(highest):
+            raise usage.UsageError(
+                f"--tls-min {lowest} is newer than --tls-max {highest}"
+            )
+        return {
+            "raiseMinimumTo": _VERSIONS[lowest],
+            "lowerMaximumSecurityTo": _VERSIONS[highest],
+        }
+
+
+@dataclass(frozen=True)
+class ServerCertificate:
+    """A checked certificate chain and its key, ready for a TLS server."""
+
+    certPath: Path
+    keyPath: Path
+    chain: list[x509.Certificate]
+    key: Any
+    fingerprint: str
+    default: Optional[DefaultCertificate]
+
+    def options(self, versions: dict[str, Any]) -> CertificateOptions:
+        """Twisted's server ``CertificateOptions`` with this certificate."""
+        return CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(self.key),
+            certificate=crypto.X509.from_cryptography(self.chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in self.chain[1:]],
+            **versions,
+        )
+
+    def logStartup(self, command: str) -> None:
+        if self.default is not None:
+            _log.info(
+                "{command}: {state} self-signed certificate for localhost, "
+                "127.0.0.1 and ::1: {cert} (SHA-256 fingerprint {fingerprint}); "
+                "clients can trust it with that file",
+                command=command,
+                state="made a new" if self.default.created else "reusing the",
+                cert=str(self.certPath),
+                fingerprint=self.fingerprint,
+            )
+        else:
+            _log.info(
+                "{command}: certificate {cert} (SHA-256 fingerprint {fingerprint})",
+                command=command,
+                cert=str(self.certPath),
+                fingerprint=self.fingerprint,
+            )
+
+
+class ServerCertificateMixin(usage.Options):
+    """``--cert``, ``--key`` and ``--state-dir``, for a TLS server."""
+
+    optParameters: list[Any] = [
+        [
+            "cert",
+            None,
+            None,
+            "PEM certificate (chain) file.  Default: a self-signed certificate "
+            "for localhost, made once and kept in the state directory.",
+        ],
+        ["key", None, None, "PEM private key file (default: with --cert's file)."],
+        [
+            "state-dir",
+            None,
+            None,
+            "Where the default certificate is kept.  Default: "
+            "$XDG_STATE_HOME/twisted-rekey or ~/.local/state/twisted-rekey.",
+        ],
+    ]
+
+    def loadCertificate(self, fromEndpoint: dict[str, str]) -> ServerCertificate:
+        """
+        Read and check the certificate and key (``--cert``/``--key``, or
+        ``certKey=``/``privateKey=`` of an ``ssl:`` string), or make the
+        default one.
+        """
+        certOption, keyOption = "--cert", "--key"
+        cert, key = self["cert"], self["key"]
+        for option, endpointKey, value in (
+            ("--cert", "certKey", cert),
+            ("--key", "privateKey", key),
+        ):
+            if endpointKey in fromEndpoint and value is not None:
+                raise usage.UsageError(
+                    f"give {option} or {endpointKey}= in the endpoint string, not both"
+                )
+        if "privateKey" in fromEndpoint:
+            # As Twisted's ssl: strings: privateKey= may hold the certificate
+            # too, and certKey= defaults to it.
+            keyOption, key = "privateKey=", fromEndpoint["privateKey"]
+            certOption, cert = "certKey=", fromEndpoint.get("certKey", key)
+            if "certKey" not in fromEndpoint:
+                certOption = "privateKey="
+        elif "certKey" in fromEndpoint:
+            certOption, cert = "certKey=", fromEndpoint["certKey"]
+        default = None
+        if cert is None and key is None:
+            stateDir = self["state-dir"]
+            try:
+                default = ensure_default_certificate(
+                    None if stateDir is None else Path(stateDir)
+                )
+            except OSError as e:
+                where = e.filename or stateDir
+                raise usage.UsageError(
+                    f"cannot keep the default certificate in {where}: {e.strerror or e}"
+                ) from None
+            cert, key = str(default.cert_path), str(default.key_path)
+        elif cert is None:
+            raise usage.UsageError(f"{keyOption} needs --cert too")
+        elif key is None:
+            key, keyOption = cert, certOption
+        return _checkCertificate(certOption, str(cert), keyOption, str(key), default)
+
+
+def _checkCertificate(
+    certOption: str,
+    certPath: str,
+    keyOption: str,
+    keyPath: str,
+    default: Optional[DefaultCertificate],
+) -> ServerCertificate:
+    certData = _readable(certOption, certPath).read_bytes()
+    keyData = _readable(keyOption, keyPath).read_bytes()
+    try:
+        chain = x509.load_pem_x509_certificates(certData)
+    except ValueError:
+        raise usage.UsageError(
+            f"{certOption} {certPath}: no PEM certificate in this file"
+        ) from None
+    try:
+        key = serialization.load_pem_private_key(keyData, None)
+    except TypeError:
+        raise usage.UsageError(
+            f"{keyOption} {keyPath}: the private key is encrypted; "
+            "give an unencrypted one"
+        ) from None
+    except ValueError:
+        raise usage.UsageError(
+            f"{keyOption} {keyPath}: no PEM private key in this file"
+        ) from None
+    except Exception as e:  # an unsupported algorithm
+        raise usage.UsageError(f"{keyOption} {keyPath}: {e}") from None
+    # The check OpenSSL itself makes before serving (SSL_CTX_check_private_key).
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        try:
+            # pyOpenSSL >= 24.3 takes cryptography's objects (and deprecates
+            # its own); older releases take only its own.
+            context.use_certificate(chain[0])
+            context.use_privatekey(key)  # type: ignore[arg-type]
+        except TypeError:
+            context.use_certificate(crypto.X509.from_cryptography(chain[0]))
+            context.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
+        context.check_privatekey()
+    except (SSL.Error, TypeError, ValueError):
+        raise usage.UsageError(
+            f"{keyOption} {keyPath} does not match the certificate in "
+            f"{certOption} {certPath}"
+        ) from None
+    return ServerCertificate(
+        Path(certPath), Path(keyPath), chain, key, fingerprint(chain[0]), default
+    )
+
+
+# -- the listening service -------------------------------------------------------
+
+
+class ListeningService(service.Service):
+    """
+    Listens on an endpoint when twistd starts it, logs where, and turns a
+    failure to listen (a port in use, an address not here, no permission)
+    into one line on stderr and exit status 1, instead of a traceback.
+
+    Listening happens in :meth:`privilegedStartService`, before twistd
+    drops privileges, as ``strports.service`` does; the error is raised
+    there, so twistd stops before the reactor runs and removes its pid file.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        description: str,
+        endpoint: Any,
+        factory: Any,
+        what: str,
+    ) -> None:
+        self.command = command
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.what = what
+        # Any: Twisted's interfaces declare their methods without self.
+        self.port: Any = None
+        self._listening: Optional[Deferred[Any]] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._listening is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        outcome: list[Any] = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addBoth(outcome.append)
+        if not outcome:
+            # Endpoints that listen later (systemd:, some plugins): report
+            # when they do.
+            self._listening.addCallback(self._listened)
+            self._listening.addErrback(self._failedLater)
+            return
+        result = outcome[0]
+        if isinstance(result, Exception) or hasattr(result, "value"):
+            reason = getattr(result, "value", result)
+            raise ListenFailed(self._describe(reason))
+        self._listened(result)
+
+    def _listened(self, port: Any) -> Any:
+        self.port = port
+        host = port.getHost()
+        address = getattr(host, "host", None)
+        where = (
+            f"[{address}]:{host.port}"  # type: ignore[attr-defined]
+            if address is not None and ":" in address
+            else (
+                f"{address}:{host.port}"  # type: ignore[attr-defined]
+                if address is not None
+                else str(host)
+            )
+        )
+        _log.info(
+            "{command}: listening on {where} ({what}; from {description})",
+            command=self.command,
+            where=where,
+            what=self.what,
+            description=self.description,
+        )
+        return port
+
+    def _failedLater(self, failure: Any) -> None:
+        _log.error(
+            "{command}: {message}",
+            command=self.command,
+            message=self._describe(failure.value),
+        )
+        from twisted.internet import reactor
+
+        cast(Any, reactor).stop()
+
+    def _describe(self, reason: BaseException) -> str:
+        if isinstance(reason, error.CannotListenError):
+            cause = reason.socketError
+            detail = getattr(cause, "strerror", None) or str(cause)
+            return f"cannot listen on {self.description}: {detail}"
+        return f"cannot listen on {self.description}: {reason}"
+
+    def stopService(self) -> Optional[Deferred[None]]:  # type: ignore[override]
+        super().stopService()  # type: ignore[no-untyped-call]
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return None
+        listening.cancel()
+        port, self.port = self.port, None
+        if port is not None:
+            return cast("Optional[Deferred[None]]", port.stopListening())
+        return None
+
+
+class ListenFailed(Exception):
+    """
+    Raised out of twistd's start-up when a service cannot listen; the
+    plugins' excepthook prints it as one line.
+    """
+
+
+def installOneLineErrors(command: str) -> None:
+    """
+    Print a :class:`ListenFailed` escaping twistd as one line on stderr
+    (exit status 1, the same as a traceback), every other exception as
+    before.
+    """
+    previous: Callable[..., Any] = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, ListenFailed):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"twistd {command}: error: {value}\n")
+            stream.flush()
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
