@@ -9,6 +9,8 @@ how a test proves the peer saw a KeyUpdate or a renegotiation.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +33,26 @@ _CA_FILE = os.path.join(_FILES.name, "ca.pem")
 _CERT.private_key_and_cert_chain_pem.write_to_path(_CHAIN)
 _CERT.private_key_pem.write_to_path(_KEY)
 _CA.cert_pem.write_to_path(_CA_FILE)
+
+
+def blocking(sock: socket.socket, seconds: int = 10) -> None:
+    """
+    Put *sock* in blocking mode, as pyOpenSSL needs (a Python socket timeout
+    makes the socket non-blocking), with every read and write still bounded
+    by the kernel (``SO_RCVTIMEO``/``SO_SNDTIMEO``).
+    """
+    sock.settimeout(None)
+    timeval = struct.pack("ll", seconds, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def read_until(conn: SSL.Connection, marker: bytes) -> bytes:
+    """Read from a blocking *conn* until *marker* has arrived."""
+    got = b""
+    while marker not in got:
+        got += conn.recv(65536)
+    return got
 
 
 def server_context(version: int, *, allow_client_reneg: bool = False) -> SSL.Context:

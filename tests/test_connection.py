@@ -8,7 +8,6 @@ ways afterwards.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from memorypair import client_context, make_pair, server_context, watch
+from memorypair import blocking, client_context, make_pair, server_context, watch
 from OpenSSL import SSL
 
 import twisted_rekey
@@ -321,18 +320,6 @@ def test_allow_client_renegotiation_on_a_used_context() -> None:
 # -- real loopback sockets ------------------------------------------------------
 
 
-def _bounded(sock: socket.socket, seconds: int = 10) -> None:
-    """
-    Blocking mode (pyOpenSSL needs it: a Python socket timeout makes the
-    socket non-blocking) with every read and write still bounded by the
-    kernel.
-    """
-    sock.settimeout(None)
-    timeval = struct.pack("ll", seconds, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
 class _EchoServer:
     """A blocking pyOpenSSL echo server in a thread, recording what it read."""
 
@@ -352,7 +339,7 @@ class _EchoServer:
         sock = None
         try:
             sock, _ = self.listener.accept()
-            _bounded(sock)
+            blocking(sock)
             conn = self.conn = RekeyConnection(self.ctx, sock)
             self.states = watch(conn).states
             conn.set_accept_state()
@@ -383,7 +370,7 @@ class _EchoServer:
 @contextmanager
 def _client(version: int, server: _EchoServer) -> Iterator[RekeyConnection]:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    _bounded(sock)
+    blocking(sock)
     conn = RekeyConnection(client_context(version), sock)
     conn.set_tlsext_host_name(b"localhost")
     conn.states = watch(conn).states  # type: ignore[attr-defined]

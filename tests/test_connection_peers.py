@@ -8,13 +8,12 @@ still flows both ways afterwards.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from memorypair import watch
+from memorypair import blocking, read_until, watch
 from OpenSSL import SSL
 from peers import (
     OPENSSL_KEY_UPDATE_RECEIVED,
@@ -29,14 +28,6 @@ from twisted_rekey import KeyUpdateType, PeerRefused, RekeyConnection
 TIMEOUT = 10
 
 
-def _bounded(sock: socket.socket) -> None:
-    # Blocking for pyOpenSSL, but no read or write waits more than TIMEOUT.
-    sock.settimeout(None)
-    timeval = struct.pack("ll", TIMEOUT, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
 @contextmanager
 def _connect(
     certs: CertFiles, address: tuple[str, int], version: int
@@ -47,7 +38,7 @@ def _connect(
     ctx.load_verify_locations(str(certs.ca_cert))
     ctx.set_verify(SSL.VERIFY_PEER)
     sock = socket.create_connection(address, timeout=TIMEOUT)
-    _bounded(sock)
+    blocking(sock, TIMEOUT)
     conn = RekeyConnection(ctx, sock)
     conn.seen = watch(conn)  # type: ignore[attr-defined]
     conn.set_connect_state()
@@ -60,13 +51,6 @@ def _connect(
         except SSL.Error:
             pass
         sock.close()
-
-
-def _read_until(conn: RekeyConnection, marker: bytes) -> bytes:
-    got = b""
-    while marker not in got:
-        got += conn.recv(65536)
-    return got
 
 
 # -- openssl s_server receives ours ---------------------------------------------
@@ -84,7 +68,7 @@ def test_s_server_sees_our_key_update(
             conn.sendall(b"client data after update\n")
             server.expect(r"client data after update")
             server.send_line("server data after update")
-            assert b"server data after update" in _read_until(conn, b"update\n")
+            assert b"server data after update" in read_until(conn, b"update\n")
             # s_server answers a requested update with its next write.
             assert conn.seen.count("read server key update") == int(request_peer)
 
@@ -98,7 +82,7 @@ def test_s_server_sees_our_renegotiation(cert_files: CertFiles) -> None:
             conn.sendall(b"after renegotiation\n")
             server.expect(r"after renegotiation")
             server.send_line("reply")
-            assert b"reply" in _read_until(conn, b"reply")
+            assert b"reply" in read_until(conn, b"reply")
             assert not conn.renegotiate_pending()
             assert conn.total_renegotiations() == 1
 
@@ -128,7 +112,7 @@ def test_s_server_key_update_reaches_us(
             server.key_update(request_peer)
             server.expect(r"SSL_do_handshake -> 1")
             server.send_line("ping")
-            assert b"ping" in _read_until(conn, b"ping")
+            assert b"ping" in read_until(conn, b"ping")
             assert conn.seen.count("read server key update") == 1
             pending = conn.get_key_update_type()
             if request_peer:
@@ -150,7 +134,7 @@ def test_s_server_renegotiation_reaches_us(cert_files: CertFiles) -> None:
             server.renegotiate()
             server.expect(r"SSL_do_handshake -> 1")
             server.send_line("ping")
-            assert b"ping" in _read_until(conn, b"ping")
+            assert b"ping" in read_until(conn, b"ping")
             assert conn.seen.count("read hello request") == 1
             conn.sendall(b"pong\n")
             server.expect_renegotiation()
@@ -189,7 +173,7 @@ class _Server:
         sock = None
         try:
             sock, _ = self.listener.accept()
-            _bounded(sock)
+            blocking(sock, TIMEOUT)
             conn = self.conn = RekeyConnection(self.ctx, sock)
             self.states = watch(conn).states
             conn.set_accept_state()
@@ -280,11 +264,11 @@ def test_gnutls_sees_our_key_update(cert_files: CertFiles, request_peer: bool) -
     with GnuTLSServer(cert_files, version="1.3") as server:
         with _connect(cert_files, server.address, SSL.TLS1_3_VERSION) as conn:
             conn.sendall(b"before\n")
-            assert _read_until(conn, b"before\n") == b"before\n"
+            assert read_until(conn, b"before\n") == b"before\n"
             conn.key_update(request_peer)
             assert server.expect_key_update(request_peer) is request_peer
             conn.sendall(b"after\n")
-            assert _read_until(conn, b"after\n") == b"after\n"
+            assert read_until(conn, b"after\n") == b"after\n"
             # GnuTLS answers a requested update with its echo.
             assert conn.seen.count("read server key update") == int(request_peer)
 
@@ -293,9 +277,9 @@ def test_gnutls_renegotiation_from_us(cert_files: CertFiles) -> None:
     with GnuTLSServer(cert_files, version="1.2") as server:
         with _connect(cert_files, server.address, SSL.TLS1_2_VERSION) as conn:
             conn.sendall(b"before\n")
-            _read_until(conn, b"before\n")
+            read_until(conn, b"before\n")
             conn.renegotiate()
             conn.sendall(b"after\n")
-            assert _read_until(conn, b"after\n") == b"after\n"
+            assert read_until(conn, b"after\n") == b"after\n"
             server.expect_renegotiation()
             assert not conn.renegotiate_pending()

@@ -9,10 +9,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from memorypair import make_pair
+from memorypair import blocking, make_pair, read_until
 from OpenSSL import SSL
 from peers import CertFiles, OpenSSLServer
-from test_connection_peers import _bounded, _read_until
 
 from twisted_rekey import RekeyConnection
 from twisted_rekey._policy import RotationPolicy
@@ -145,7 +144,7 @@ def test_scheduled_rotation_seen_by_openssl_s_server(cert_files: CertFiles) -> N
         ctx.load_verify_locations(str(cert_files.ca_cert))
         ctx.set_verify(SSL.VERIFY_PEER)
         sock = socket.create_connection(server.address, timeout=10)
-        _bounded(sock)
+        blocking(sock)
         conn = RekeyConnection(ctx, sock, policy=policy, clock=clock)
         conn.set_connect_state()
         try:
@@ -161,6 +160,6 @@ def test_scheduled_rotation_seen_by_openssl_s_server(cert_files: CertFiles) -> N
             assert server.expect_key_update(False) is False
             assert server.key_updates_received() == [False, False]
             server.send_line("still talking")
-            assert b"still talking" in _read_until(conn, b"talking")
+            assert b"still talking" in read_until(conn, b"talking")
         finally:
             sock.close()
