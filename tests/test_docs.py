@@ -39,8 +39,8 @@ EXAMPLE_COMMAND = (
     ".venv/bin/twistd -n rekey-echo"
 )
 TEST_COMMAND = (
-    "sudo apt-get install -y openssl gnutls-bin && python3 -m venv .venv && "
-    ".venv/bin/pip install -e '.[tests,lint,docs]' && .venv/bin/python -m pytest"
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[tests,lint,docs]' && "
+    ".venv/bin/python -m pytest"
 )
 
 
@@ -98,6 +98,10 @@ def test_readme_commands() -> None:
     blocks = re.findall(r"^```sh\n(.*?)\n```", README, re.MULTILINE | re.DOTALL)
     assert EXAMPLE_COMMAND in blocks
     assert TEST_COMMAND in blocks
+    # CI runs the same: the extras the README installs, then pytest.
+    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
+    assert "pip install --quiet -e '.[tests,lint,docs]'" in ci
+    assert '"$venv/bin/python" -m pytest' in ci
 
 
 @pytest.fixture(scope="module")
