@@ -78,12 +78,15 @@ def link(
     side: str = "client",
     granularity: float | None = None,
     serverClass: type[Peer] = Peer,
+    renegotiateAsClient: bool = False,
 ) -> Link:
     """A link whose *side* (a :class:`Peer`) has *policy*."""
 
     class Rotating(Peer):
         rotationPolicy = policy
         rotationGranularity = granularity
+
+    Rotating.renegotiateAsClient = renegotiateAsClient
 
     ours: type[Peer] = Rotating
     if side == "server":
@@ -325,14 +328,41 @@ def test_tls12_renegotiates(cert_files: Any, events: Events) -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_tls12_client_policy_disabled_by_default(
+    cert_files: Any, events: Events
+) -> None:
+    # A client's rotation on TLS 1.2 is a client-initiated renegotiation,
+    # which OpenSSL 3 servers refuse by ending the connection: by default a
+    # client's policy leaves TLS 1.2 alone, says why once, and the
+    # connection lives on.
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2")
+    disabled = [e for e in events.events if e["rekey_event"] == "rotation_disabled"]
+    assert len(disabled) == 1
+    assert "renegotiateAsClient" in disabled[0]["reason"]
+    one.client.transport.write(b"x")
+    advance(clock, [one], 30, 1)
+    assert one.client.lost is None and one.server.lost is None
+    assert one.client.rotationSchedule.rotations == 0
+    assert one.server.renegotiationsSeen == 0
+    assert clock.getDelayedCalls() == []
+    one.close()
+
+
 def test_tls12_client_refused_fails_the_connection(
     cert_files: Any, events: Events
 ) -> None:
-    # OpenSSL 3 servers refuse client renegotiation by default, and the
-    # client's OpenSSL then fails the connection ("no renegotiation"): what
-    # RotatingFactory documents.  Nothing is left pending or logged as an error.
+    # With renegotiateAsClient against a server that refuses, the client's
+    # OpenSSL fails the connection ("no renegotiation"), as documented.
+    # Nothing is left pending or logged as an error.
     clock = task.Clock()
-    one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2")
+    one = link(
+        cert_files,
+        clock,
+        RotationPolicy(interval=5, jitter=0),
+        "1.2",
+        renegotiateAsClient=True,
+    )
     one.client.transport.write(b"x")
     advance(clock, [one], 6, 1)
     assert "renegotiation_refused" in events.names()
@@ -347,7 +377,14 @@ def test_tls12_allowed_client_renegotiates(cert_files: Any) -> None:
 
     clock = task.Clock()
     policy = RotationPolicy(interval=5, jitter=0)
-    one = link(cert_files, clock, policy, "1.2", serverClass=Allowing)
+    one = link(
+        cert_files,
+        clock,
+        policy,
+        "1.2",
+        serverClass=Allowing,
+        renegotiateAsClient=True,
+    )
     one.client.transport.write(b"x")
     advance(clock, [one], 6, 1)
     assert one.client.rotationSchedule.rotations == 1

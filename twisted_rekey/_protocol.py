@@ -775,6 +775,13 @@ class RekeyProtocolMixin:
     :ivar rotationGranularity: the width of the rotation timers' buckets,
         in seconds; ``None`` derives it from the policy (one second, less
         when its interval is below four seconds).
+    :ivar renegotiateAsClient: whether the *policy* of a TLS 1.2 client may
+        renegotiate.  ``False`` by default: OpenSSL 3 servers, like many
+        others, refuse a client's renegotiation, and the client's OpenSSL
+        then ends the connection.  Rotate TLS 1.2 connections from the
+        server side, or set this where the server is known to allow it.
+        (It does not restrict :meth:`renegotiate` called by the
+        application.)
 
     .. versionadded:: 0.1.0
     """
@@ -786,6 +793,7 @@ class RekeyProtocolMixin:
     keyUpdateRateLimit: tuple[int, float] | None = (64, 1.0)
     rotationPolicy: RotationPolicy | None = None
     rotationGranularity: float | None = None
+    renegotiateAsClient: bool = False
 
     _rekeyWatcher: _Watcher | None = None
     transport: ITransport | None

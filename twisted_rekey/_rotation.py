@@ -36,7 +36,7 @@ from ._connection import protocol_version, secure_renegotiation_support
 from ._policy import RotationAction, RotationPolicy, RotationSchedule
 from ._protocol import RekeyProtocolMixin
 from ._scheduler import RotationScheduler
-from .exceptions import FunctionUnavailable, PeerRefused
+from .exceptions import ConnectionStateError, FunctionUnavailable, PeerRefused
 
 if TYPE_CHECKING:
     from ._protocol import _Watcher
@@ -193,11 +193,26 @@ class RotationDriver:
         )
         granularity = owner.rotationGranularity or granularityFor(policy)
         driver = cls(owner, clock, schedulerFor(clock, granularity), schedule)
-        if schedule.disabled_reason is not None:
+        reason = schedule.disabled_reason
+        if (
+            reason is None
+            and schedule.method == "renegotiation"
+            and watcher.isClient
+            and not owner.renegotiateAsClient
+        ):
+            # A refused client renegotiation ends the connection in the
+            # client's OpenSSL: never risk it unless the application says so.
+            reason = (
+                f"a {version} client's rotation would be a client-initiated "
+                "renegotiation, which many servers refuse by closing the "
+                "connection (set renegotiateAsClient where the server allows it)"
+            )
+            driver._stopped = True
+        if reason is not None:
             _log.info(
                 "key rotation disabled for this connection: {reason}",
                 rekey_event="rotation_disabled",
-                reason=schedule.disabled_reason,
+                reason=reason,
             )
         else:
             driver._arm()
@@ -343,8 +358,11 @@ class RotationDriver:
         return None
 
     def _failed(self, action: RotationAction, failure: Failure, now: float) -> None:
-        if failure.check(PeerRefused, FunctionUnavailable):  # type: ignore[no-untyped-call]
-            # Asking again would meet the same answer: stop for good.
+        if failure.check(  # type: ignore[no-untyped-call]
+            PeerRefused, FunctionUnavailable, ConnectionStateError
+        ):
+            # Asking again would meet the same answer (or the connection is
+            # closing): stop for good.
             self.schedule.rotation_failed(now)
             self.stop()
             _log.warn(
@@ -418,9 +436,10 @@ class RotatingFactory(WrappingFactory):
         four seconds).
 
     On TLS 1.2 a rotation is a renegotiation, and a client's is refused by
-    OpenSSL 3 servers unless they allow it: the connection then fails
-    ("no renegotiation").  Give TLS 1.2 clients a policy only for servers
-    that accept client-initiated renegotiation.
+    OpenSSL 3 servers unless they allow it: the connection would then fail
+    ("no renegotiation").  So a client-side policy leaves TLS 1.2
+    connections alone (logged once) unless the protocol's
+    ``renegotiateAsClient`` is set; rotate TLS 1.2 from the server side.
 
     .. versionadded:: 0.1.0
     """
