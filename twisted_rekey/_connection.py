@@ -171,6 +171,11 @@ def _need(name: str) -> Any:
     return func
 
 
+# TLS_ST_OK is the only state whose long name says this.
+_FINISHED = b"SSL negotiation finished successfully"
+_SHUT_DOWN = int(lib.SSL_SENT_SHUTDOWN | lib.SSL_RECEIVED_SHUTDOWN)
+
+
 def handshake_complete(conn: SSL.Connection) -> bool:
     """
     Whether the initial handshake has completed and no new one is running.
@@ -180,17 +185,19 @@ def handshake_complete(conn: SSL.Connection) -> bool:
 
     .. versionadded:: 0.1.0
     """
-    ssl = _ssl(conn)
-    # TLS_ST_OK is the only state whose long name says this.
-    state = ffi.string(lib.SSL_state_string_long(ssl))
-    return bool(state == b"SSL negotiation finished successfully")
+    return bool(ffi.string(lib.SSL_state_string_long(_ssl(conn))) == _FINISHED)
 
 
 def _check_open(conn: SSL.Connection, function: str) -> Any:
+    # On every rotation: the checks of handshake_complete() and
+    # renegotiate_pending() on the SSL* directly, not through their
+    # argument checks again.
     ssl = _ssl(conn)
-    if lib.SSL_get_shutdown(ssl) & (lib.SSL_SENT_SHUTDOWN | lib.SSL_RECEIVED_SHUTDOWN):
+    if lib.SSL_get_shutdown(ssl) & _SHUT_DOWN:
         raise ConnectionStateError(f"{function}: the connection is shut down")
-    if not handshake_complete(conn) and not renegotiate_pending(conn):
+    if ffi.string(lib.SSL_state_string_long(ssl)) != _FINISHED and not (
+        _need("SSL_renegotiate_pending")(ssl)
+    ):
         raise ConnectionStateError(f"{function}: the handshake has not completed")
     return ssl
 
@@ -265,7 +272,7 @@ def key_update(conn: SSL.Connection, request_peer: UpdateType = False) -> None:
     update_type = _update_type(request_peer)
     func = _need("SSL_key_update")
     ssl = _check_open(conn, "SSL_key_update")
-    if not _is_tls13(conn):
+    if lib.SSL_version(ssl) < _TLS1_3_VERSION:  # as _is_tls13()
         name = conn.get_protocol_version_name()
         raise WrongProtocolVersion(
             f"KeyUpdate exists only in TLS 1.3; this connection uses {name} "
