@@ -93,15 +93,6 @@ class TimerWheel(Generic[K]):
             f"buckets={len(self._buckets)}>"
         )
 
-    def _index(self, deadline: float) -> int:
-        g = self._granularity
-        index = math.ceil(deadline / g)
-        # Division may round down to a whole number just below the true
-        # quotient; never let the bucket time fall before the deadline.
-        while index * g < deadline:
-            index += 1
-        return index
-
     def add(self, key: K, deadline: float) -> float:
         """
         Schedule *key* at *deadline*, replacing any deadline it had.
@@ -116,19 +107,25 @@ class TimerWheel(Generic[K]):
         """
         if not math.isfinite(deadline):
             raise ValueError(f"deadline must be finite, not {deadline}")
-        index = self._index(deadline)
-        old = self._where.get(key)
+        g = self._granularity
+        index = math.ceil(deadline / g)
+        # Division may round down to a whole number just below the true
+        # quotient; never let the bucket time fall before the deadline.
+        while index * g < deadline:
+            index += 1
+        where = self._where
+        old = where.get(key)
         if old is not None:
             if old.index == index:
-                return index * self._granularity
+                return index * g
             self._discard(key, old)
         bucket = self._buckets.get(index)
         if bucket is None:
             bucket = self._buckets[index] = _Bucket(index)
             heapq.heappush(self._heap, index)
         bucket.keys[key] = None
-        self._where[key] = bucket
-        return index * self._granularity
+        where[key] = bucket
+        return index * g
 
     def remove(self, key: K) -> bool:
         """
