@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from time import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
@@ -64,11 +65,56 @@ if TYPE_CHECKING:
 
 __all__ = ["RekeyProtocolMixin", "RekeyStats"]
 
-_log = Logger()
+_LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class _Logger(Logger):
+    """
+    A :class:`~twisted.logger.Logger` whose events cost less to build: the
+    same keys and values, handed to the same observer.  Every rotation
+    emits one, so this runs N/interval times a second.
+    """
+
+    def emit(
+        self, level: LogLevel, format: str | None = None, **kwargs: object
+    ) -> None:
+        # Logger.emit checks the level against LogLevel.iterconstants(),
+        # which sorts the constants on every call (a fifth of an event's
+        # cost); a set answers the same.  Anything unusual takes its path.
+        if level not in _LEVELS or "log_trace" in kwargs:
+            super().emit(level, format, **kwargs)
+        else:
+            self._publish(level, format, kwargs)
+
+    def info(self, format: str | None = None, **kwargs: object) -> None:
+        """As :meth:`twisted.logger.Logger.info`."""
+        # Without Logger.info's second pass of the keyword arguments.
+        if "log_trace" in kwargs:
+            super().emit(LogLevel.info, format, **kwargs)
+        else:
+            self._publish(LogLevel.info, format, kwargs)
+
+    def _publish(
+        self, level: LogLevel, format: str | None, event: dict[str, object]
+    ) -> None:
+        # What Logger.emit adds, in the same keys.
+        event["log_logger"] = self
+        event["log_level"] = level
+        event["log_namespace"] = self.namespace
+        event["log_source"] = self.source
+        event["log_format"] = format
+        event["log_time"] = time()
+        # Any: ILogObserver's __call__ is declared without self.
+        observer: Any = self.observer
+        observer(event)
+
+
+_log = _Logger()
 
 # TLS alert no_renegotiation (RFC 5246 §7.2.2).
 _ALERT_NO_RENEGOTIATION = 100
 
+_TLS1_3_VERSION = int(lib.TLS1_3_VERSION)
 _CB_LOOP = int(lib.SSL_CB_LOOP)
 _ST_CONNECT = int(lib.SSL_ST_CONNECT)
 _ST_ACCEPT = int(lib.SSL_ST_ACCEPT)
@@ -615,6 +661,14 @@ class _Watcher:
             return succeed(None)
         return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
 
+    def rekeyNow(
+        self, requestPeer: bool, timeout: float | None, reason: str
+    ) -> Deferred[None]:
+        # SSL_version() == TLS1_3_VERSION is protocol_version() == "TLSv1.3".
+        if lib.SSL_version(self.conn._ssl) == _TLS1_3_VERSION:
+            return self.keyUpdate(bool(requestPeer), timeout, reason)
+        return self.renegotiate(False, timeout, reason)
+
     def renegotiate(
         self, abbreviated: bool, timeout: float | None, reason: str
     ) -> Deferred[None]:
@@ -950,12 +1004,15 @@ class RekeyProtocolMixin:
         ``"policy: 1 GiB sent"``) with the event.
         """
 
-        def go(watcher: _Watcher) -> Deferred[None]:
-            if protocol_version(watcher.conn) == "TLSv1.3":
-                return watcher.keyUpdate(bool(requestPeer), timeout, reason)
-            return watcher.renegotiate(False, timeout, reason)
-
-        return self._rekeyCall(go)
+        # Each rotation of a policy comes through here: no closure, and
+        # the version as OpenSSL's number rather than its decoded name.
+        watcher = self._rekeyWatcher
+        if watcher is None:
+            return self._rekeyCall(lambda w: w.rekeyNow(requestPeer, timeout, reason))
+        try:
+            return watcher.rekeyNow(requestPeer, timeout, reason)
+        except Exception:
+            return fail()
 
     # -- plumbing
 
