@@ -197,6 +197,7 @@ def makeService(options: Options) -> service.IService:
     echo = EchoFactory(policy, bool(options["allow-client-renegotiation"]))
     # Any: Twisted's interfaces are not types to mypy without zope's plugin.
     tls: Any = certificate.options(options["versions"])
+    options.limitMaximum(tls.getContext())
     factory = TLSMemoryBIOFactory(tls, False, cast(Any, echo))
     parse: Any = endpoints.serverFromString
     endpoint = parse(reactor, spec.plain)

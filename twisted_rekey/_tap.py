@@ -27,10 +27,14 @@ from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import error
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer  # type: ignore[import-untyped]
 
+from . import _binding
+from ._binding import ffi
 from ._certs import DefaultCertificate, ensure_default_certificate, fingerprint
 from ._policy import RotationPolicy
 
@@ -50,6 +54,7 @@ DEFAULT_INTERVAL = 5.0
 DEFAULT_MIN_INTERVAL = 1.0
 
 _VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+_PROTOCOLS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -357,10 +362,55 @@ class TLSVersionMixin(usage.Options):
             raise usage.UsageError(
                 f"--tls-min {lowest} is newer than --tls-max {highest}"
             )
-        return {
-            "raiseMinimumTo": _VERSIONS[lowest],
-            "lowerMaximumSecurityTo": _VERSIONS[highest],
-        }
+        # Only the minimum goes through CertificateOptions: Twisted 23.10's
+        # lowerMaximumSecurityTo excludes the maximum itself (twisted#10232),
+        # so the maximum is set on the Context (limitMaximum).
+        return {"raiseMinimumTo": _VERSIONS[lowest]}
+
+    def limitMaximum(self, context: SSL.Context) -> None:
+        """
+        Cap a server's *context* at ``--tls-max``.  Call before the Context
+        makes its first connection.
+        """
+        context.set_max_proto_version(_PROTOCOLS[str(self["tls-max"]).strip()])
+
+    def limitClientMaximum(self, creator: Any) -> Any:
+        """
+        Cap the connections a client connection creator (from
+        ``optionsForClientTLS``) makes at ``--tls-max``: each connection
+        separately, since Twisted does not expose the creator's Context.
+
+        :raises usage.UsageError: if the cap cannot be set in this build.
+        """
+        highest = _PROTOCOLS[str(self["tls-max"]).strip()]
+        if highest == SSL.TLS1_3_VERSION:
+            return creator  # the newest is what OpenSSL offers anyway
+        resolution, ctrl = _binding.function("SSL_ctrl")
+        if ctrl is None:
+            raise usage.UsageError(
+                f"--tls-max {self['tls-max']} on a TLS client side is not "
+                f"possible here: {resolution.reason}"
+            )
+        return _CappedClientCreator(creator, ctrl, highest)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _CappedClientCreator:
+    """Caps the newest TLS version of every connection another creator makes."""
+
+    _SET_MAX_PROTO_VERSION = 124  # SSL_CTRL_SET_MAX_PROTO_VERSION
+
+    def __init__(self, inner: Any, ctrl: Any, highest: int) -> None:
+        self._inner = inner
+        self._ctrl = ctrl
+        self._highest = highest
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn: SSL.Connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        ssl = conn._ssl  # type: ignore[attr-defined]
+        if self._ctrl(ssl, self._SET_MAX_PROTO_VERSION, self._highest, ffi.NULL) != 1:
+            raise SSL.Error("could not cap the TLS version of a client connection")
+        return conn
 
 
 @dataclass(frozen=True)

@@ -402,11 +402,12 @@ class Options(
                     f"--cafile {self['cafile']}: no PEM certificate in this file"
                 ) from None
         try:
-            return ssl.optionsForClientTLS(
+            client: Any = ssl.optionsForClientTLS(
                 servername, trustRoot=trust, extraCertificateOptions=versions
             )
         except Exception as e:
             raise usage.UsageError(f"--servername {servername}: {e}") from None
+        return self.limitClientMaximum(client)
 
 
 def makeService(options: Options) -> service.IService:
@@ -433,6 +434,7 @@ def makeService(options: Options) -> service.IService:
     if listen.tls:
         assert certificate is not None
         tls: Any = certificate.options(options["versions"])
+        options.limitMaximum(tls.getContext())
         factory = TLSMemoryBIOFactory(tls, False, factory)
     listening: Any = ListeningService(
         COMMAND,
