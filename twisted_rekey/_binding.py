@@ -19,12 +19,21 @@ symbol tables.  Three ways are tried, in order, for each function:
 
 Nothing found by the last two ways is called before it is verified:
 
+* the address must lie in the very file that holds OpenSSL's code
+  (``dladdr`` on a pointer OpenSSL returned, and on the address itself);
+* for symbol-table addresses, the file read must be the module loaded in
+  this process, not one replaced on disk since (say, by an upgrade): the GNU
+  build ID in memory must equal the file's, and the file's device and inode
+  those ``/proc/self/maps`` shows at the load base;
 * the module's load base computed from several of cffi's own wrappers
   (``_cffi_d_*``, whose addresses cffi reports) must agree with each other and
-  with the base ``dladdr`` reports for that file;
-* the address must lie in that same mapped file (``dladdr`` again); and
-* for symbol-table addresses, the machine code at the address in memory must
-  be byte for byte the code the file holds for that symbol.
+  with the base ``dladdr`` reports for that file; and
+* the machine code at the address in memory must be byte for byte the code
+  the file holds for that symbol (read through ``/proc/self/mem`` where it
+  exists, so that even a bad address is an error, not a crash).
+
+Symbols, build ID and code are read from the file in one pass, through one
+file descriptor.
 
 This module must never load a second libssl or libcrypto, never call an
 address that failed a check, and never raise while being imported: where no
@@ -172,6 +181,53 @@ def _address(cdata: Any) -> int:
     return int(ffi.cast("uintptr_t", cdata))
 
 
+def _read_memory(address: int, size: int) -> bytes | None:
+    """
+    *size* bytes of this process's memory at *address*, or ``None``.
+
+    Through ``/proc/self/mem`` where there is one, so that an unmapped or
+    unreadable address is an error, not a crash; elsewhere only addresses
+    ``dladdr`` placed in a loaded module are passed here.
+    """
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return bytes(ffi.buffer(ffi.cast("char *", address), size))
+    try:
+        data = os.pread(fd, size, address)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+def _mapped_inode(base: int) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file mapped at *base*, per /proc/self/maps."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                start = int(fields[0].split("-")[0], 16)
+                if start == base and len(fields) >= 6:
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    return os.makedev(major, minor), int(fields[4])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class _Image:
+    """What was read from the extension module's file, in one pass."""
+
+    symbols: dict[str, list[_elf.ElfSymbol]]
+    code: dict[str, bytes]
+    build_id_note: _elf.BuildIdNote | None
+    end: str
+    stat: os.stat_result
+
+
 class _Resolver:
     """Resolves and verifies each function once, on first use."""
 
@@ -181,7 +237,7 @@ class _Resolver:
         self._module: tuple[str, int] | None = None
         self._module_reason = ""
         self._module_checked = False
-        self._symbols: dict[str, list[_elf.ElfSymbol]] | None = None
+        self._image: _Image | None = None
 
     # -- where OpenSSL's code lives ------------------------------------------
 
@@ -233,6 +289,51 @@ class _Resolver:
             return None, f"{name} from dlsym does not lie in {path}"
         return address, ""
 
+    def _load_image(self, path: str) -> _Image | str:
+        """
+        Read, in one pass through one file descriptor, everything the checks
+        compare with memory: the symbols, the build ID, and the first bytes
+        of every function this module may resolve.
+        """
+        if self._image is not None:
+            return self._image
+        missing = [n for n in SIGNATURES if not hasattr(lib, n)]
+        try:
+            with _elf.ElfFile(path) as elf:
+                symbols = elf.symbols([*missing, *(f"_cffi_d_{a}" for a in _ANCHORS)])
+                code = {}
+                for name in missing:
+                    defs = [d for d in symbols.get(name, []) if d.is_function]
+                    if len(defs) == 1 and defs[0].file_offset is not None:
+                        size = min(defs[0].size, _CODE_CHECK_BYTES)
+                        code[name] = elf.read(defs[0].file_offset, size)
+                image = _Image(symbols, code, elf.build_id_note(), elf.end, elf.stat)
+        except (OSError, _elf.ElfError) as e:
+            return f"cannot read the symbol table of {path}: {e}"
+        self._image = image
+        return image
+
+    def _same_file(self, image: _Image, path: str, base: int) -> str:
+        """Why the mapped module is not the file that was read, or ''."""
+        note = image.build_id_note
+        if note is not None:
+            # The build ID as loaded in memory must be the file's.
+            in_memory = _read_memory(base + note.vaddr, note.size)
+            if in_memory is None:
+                return "cannot read the loaded module's build ID"
+            if _elf.parse_build_id(in_memory, image.end) != note.build_id:
+                return (
+                    f"{path} on disk is not the module loaded in this process "
+                    "(different build ID: replaced since it was loaded?)"
+                )
+        mapped = _mapped_inode(base)
+        if mapped is not None and mapped != (image.stat.st_dev, image.stat.st_ino):
+            return (
+                f"{path} on disk is not the module loaded in this process "
+                "(a different file: replaced since it was loaded?)"
+            )
+        return ""
+
     def _by_symtab(self, name: str) -> tuple[int | None, str]:
         module = self._module_of_openssl()
         if module is None:
@@ -241,16 +342,13 @@ class _Resolver:
         cffi_module = self._cffi_module()
         if cffi_module is None or cffi_module != module:
             return None, "OpenSSL is not linked into cryptography's extension"
-        if self._symbols is None:
-            # One pass over the file finds every name this module may need.
-            try:
-                missing = [n for n in SIGNATURES if not hasattr(lib, n)]
-                self._symbols = _elf.find_symbols(
-                    path, [*missing, *(f"_cffi_d_{a}" for a in _ANCHORS)]
-                )
-            except (OSError, _elf.ElfError) as e:
-                return None, f"cannot read the symbol table of {path}: {e}"
-        symbols = self._symbols
+        image = self._load_image(path)
+        if isinstance(image, str):
+            return None, image
+        symbols = image.symbols
+        reason = self._same_file(image, path, base)
+        if reason:
+            return None, reason
 
         # The load base, three ways: dladdr, and each cffi wrapper's address
         # minus its symbol value.  All must agree.
@@ -277,16 +375,14 @@ class _Resolver:
         if len({d.value for d in defs}) != 1:
             return None, f"{name} is defined more than once; refusing to guess"
         sym = defs[0]
-        if sym.size <= 0 or sym.file_offset is None:
+        on_disk = image.code.get(name)
+        if sym.size <= 0 or on_disk is None:
             return None, f"{name} has no code in {os.path.basename(path)}"
         address = base + sym.value
         where = _where(address)
         if where is None or where != module:
             return None, f"{name} does not lie in the mapped {path}"
-        size = min(sym.size, _CODE_CHECK_BYTES)
-        on_disk = _elf.read_bytes(path, sym.file_offset, size)
-        in_memory = bytes(ffi.buffer(ffi.cast("char *", address), size))
-        if on_disk != in_memory:
+        if _read_memory(address, len(on_disk)) != on_disk:
             return None, f"the code at {name}'s address is not {name}"
         return address, ""
 
