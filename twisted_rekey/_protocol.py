@@ -631,22 +631,30 @@ class _Watcher:
     def keyUpdate(
         self, requestPeer: bool, timeout: float | None, reason: str
     ) -> Deferred[None]:
+        try:
+            self.sendKeyUpdate(requestPeer, reason)
+        except Exception:
+            return fail()
+        if not requestPeer:
+            return succeed(None)
+        return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
+
+    def sendKeyUpdate(self, requestPeer: bool, reason: str) -> None:
+        """
+        :meth:`keyUpdate` up to the wait for the peer's answer: raises what
+        its Deferred would fail with.
+        """
         if self.closing():
-            return fail(
-                ConnectionStateError(
-                    "keyUpdate() after loseConnection() or connection loss"
-                )
+            raise ConnectionStateError(
+                "keyUpdate() after loseConnection() or connection loss"
             )
         # Never two update_requested outstanding (openssl#32283): a second
         # request while one is unanswered rotates our keys again without
         # asking, and waits for the same answer.
         send = requestPeer and not self.requestOutstanding
-        try:
-            self.flushApplication()
-            key_update(self.conn, send)
-            self.flush()
-        except Exception:
-            return fail()
+        self.flushApplication()
+        key_update(self.conn, send)
+        self.flush()
         if send:
             self.requestOutstanding = True
             self.requested += 1
@@ -657,9 +665,6 @@ class _Watcher:
             waitingForPeer=requestPeer,
             reason=reason,
         )
-        if not requestPeer:
-            return succeed(None)
-        return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
 
     def rekeyNow(
         self, requestPeer: bool, timeout: float | None, reason: str
@@ -668,6 +673,21 @@ class _Watcher:
         if lib.SSL_version(self.conn._ssl) == _TLS1_3_VERSION:
             return self.keyUpdate(bool(requestPeer), timeout, reason)
         return self.renegotiate(False, timeout, reason)
+
+    def rotate(
+        self, requestPeer: bool, timeout: float | None, reason: str
+    ) -> Deferred[None] | None:
+        """
+        As :meth:`rekeyNow`, for a rotation policy: but a KeyUpdate that
+        waits for no answer (the usual timed rotation) is complete when
+        this returns ``None``, and raises what the Deferred would fail with.
+        No Deferred made and fired for it: this runs N/interval times a
+        second.
+        """
+        if requestPeer or lib.SSL_version(self.conn._ssl) != _TLS1_3_VERSION:
+            return self.rekeyNow(requestPeer, timeout, reason)
+        self.sendKeyUpdate(False, reason)
+        return None
 
     def renegotiate(
         self, abbreviated: bool, timeout: float | None, reason: str

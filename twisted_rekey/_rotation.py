@@ -314,11 +314,23 @@ class RotationDriver:
         self._inFlight = action
         self._disarm()
         renegotiation = action.method == "renegotiation"
-        d = self._owner._rekeyNow(
-            action.request_peer,
-            f"policy: {action.reason}",
-            RENEGOTIATION_TIMEOUT if renegotiation else None,
-        )
+        reason = f"policy: {action.reason}"
+        timeout = RENEGOTIATION_TIMEOUT if renegotiation else None
+        watcher = self._owner._rekeyWatcher
+        if watcher is None:  # pragma: no cover - the watcher made this driver
+            d = self._owner._rekeyNow(action.request_peer, reason, timeout)
+        else:
+            # A KeyUpdate that waits for no answer is done (or failed) when
+            # rotate() returns: settled at once, without a Deferred.
+            try:
+                rotating = watcher.rotate(action.request_peer, timeout, reason)
+            except Exception:
+                self._settled(Failure(), action, [])  # type: ignore[no-untyped-call]
+                return
+            if rotating is None:
+                self._settled(None, action, [])
+                return
+            d = rotating
         settled: list[object] = []
         d.addBoth(self._settled, action, settled)
         if not settled and not renegotiation:
