@@ -214,11 +214,12 @@ def server(args: argparse.Namespace) -> None:
         profiler = cProfile.Profile()
 
     def startWindow() -> None:
+        # Counting walks every connection: before the window, not in it.
+        result["_rot0"] = rotations()
         if profiler is not None:
             profiler.enable()
         result["_cpu0"] = _cpu()
         result["_wall0"] = time.monotonic()
-        result["_rot0"] = rotations()
         reactor.callLater(args.duration, endWindow)
 
     def endWindow() -> None:
