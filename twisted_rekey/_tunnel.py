@@ -196,6 +196,8 @@ class InboundSide(RelaySide):
     """An accepted connection: not read until its outbound side is ready."""
 
     factory: RelayFactory
+    # Its outbound side, once the outbound connection is made.
+    outbound: Optional[RelaySide] = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -245,6 +247,17 @@ class InboundSide(RelaySide):
         connecting = getattr(self, "connecting", None)
         if connecting is not None and not connecting.called:
             connecting.cancel()
+        outbound = self.outbound
+        if (
+            outbound is not None
+            and not outbound.orphaned
+            and not outbound.lost
+            and outbound.transport is not None
+        ):
+            # Not wired yet (handshaking, or waiting for this side's
+            # handshake): nothing it holds or will read has anywhere to go.
+            outbound.orphaned = True
+            outbound.transport.abortConnection()
 
     def outboundFailed(self, failure: Failure) -> None:
         if self.lost:
@@ -305,6 +318,7 @@ class RelayFactory(Factory):
             def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
                 side = RelaySide()
                 side.factory = self
+                inbound.outbound = side
                 side.isTLS = factory.outboundTLS
                 if factory.outboundTLS:
                     side.rotationPolicy = factory.policy
