@@ -12,7 +12,8 @@ This module must never buffer without bound: each side is the producer of
 the other side's transport (when one side's send buffer fills, the other
 side stops being read), and until the outbound connection is ready the
 inbound one is not read at all; what arrives before the relay is wired is
-at most one read, and a side that overflows that bound is dropped.  It never
+at most one read, and a side that overflows that bound is dropped, as is a
+connection not relayed within ``SETUP_TIMEOUT`` seconds.  It never
 half-closes: when either side goes, the other is closed once what it still
 has to send is sent.
 """
@@ -51,7 +52,14 @@ from ._tap import (
     parseEndpoint,
 )
 
-__all__ = ["MAX_PENDING", "Options", "RelayFactory", "RelaySide", "makeService"]
+__all__ = [
+    "MAX_PENDING",
+    "SETUP_TIMEOUT",
+    "Options",
+    "RelayFactory",
+    "RelaySide",
+    "makeService",
+]
 
 _log = Logger()
 
@@ -61,6 +69,12 @@ COMMAND = "rekey-tunnel"
 #: side is then being connected or is handshaking, and this side is paused:
 #: at most one read arrives).  A side sending more is dropped.
 MAX_PENDING = 1 << 20
+
+#: The most seconds from accepting a connection to relaying it: connecting
+#: out and the TLS handshakes of both sides.  Past it both sides are dropped,
+#: so that a service that accepts and never answers the handshake, or a
+#: client that never starts its own, does not hold two connections for good.
+SETUP_TIMEOUT = 30.0
 
 
 @implementer(IPushProducer)
@@ -198,11 +212,17 @@ class InboundSide(RelaySide):
     factory: RelayFactory
     # Its outbound side, once the outbound connection is made.
     outbound: Optional[RelaySide] = None
+    # Drops both sides if they are not relaying within SETUP_TIMEOUT.
+    setupTimer: Any = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         super().connectionMade()
         self.transport.pauseProducing()
+        clock = self.factory.clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.setupTimer = clock.callLater(SETUP_TIMEOUT, self.setupTimedOut)
         outbound = self.factory.outbound(self)
         self.connecting = self.factory.connector.connect(outbound)
         self.connecting.addErrback(self.outboundFailed)
@@ -230,6 +250,7 @@ class InboundSide(RelaySide):
         assert outbound.transport is not None
         if outbound.peer is not self:  # the outbound side went meanwhile
             return
+        self.stopSetupTimer()
         _log.info(
             "{command}: relaying {inbound} ({inTLS}) <-> {outbound} ({outTLS})",
             command=COMMAND,
@@ -244,6 +265,7 @@ class InboundSide(RelaySide):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self.stopSetupTimer()
         connecting = getattr(self, "connecting", None)
         if connecting is not None and not connecting.called:
             connecting.cancel()
@@ -258,6 +280,26 @@ class InboundSide(RelaySide):
             # handshake): nothing it holds or will read has anywhere to go.
             outbound.orphaned = True
             outbound.transport.abortConnection()
+
+    def stopSetupTimer(self) -> None:
+        timer, self.setupTimer = self.setupTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def setupTimedOut(self) -> None:
+        self.setupTimer = None
+        if self.lost or self.transport is None:
+            return
+        _log.warn(
+            "{command}: {peer}: not relaying after {timeout} s (connecting to "
+            "{where}, or a TLS handshake, did not finish); dropping it",
+            command=COMMAND,
+            peer=self.name,
+            timeout=SETUP_TIMEOUT,
+            where=self.factory.connectDescription,
+        )
+        # Its outbound side goes with it (connectionLost).
+        self.transport.abortConnection()
 
     def outboundFailed(self, failure: Failure) -> None:
         if self.lost:
@@ -285,6 +327,8 @@ class RelayFactory(Factory):
 
     protocol = cast(Any, InboundSide)
     noisy = False
+    #: The IReactorTime of the setup timeout (None: the reactor).
+    clock: Any = None
 
     def __init__(
         self,
