@@ -115,6 +115,8 @@ _log = _Logger()
 _ALERT_NO_RENEGOTIATION = 100
 
 _TLS1_3_VERSION = int(lib.TLS1_3_VERSION)
+_string = ffi.string
+_stateStringLong = lib.SSL_state_string_long
 _CB_LOOP = int(lib.SSL_CB_LOOP)
 _ST_CONNECT = int(lib.SSL_ST_CONNECT)
 _ST_ACCEPT = int(lib.SSL_ST_ACCEPT)
@@ -299,12 +301,14 @@ class _Watcher:
             self.dirty = True
 
     def observe(self, ssl: Any, where: int, ret: int) -> None:
+        # Three calls per KeyUpdate sent, more per handshake: names bound
+        # at import, no method call for the sent count.
         if where & _ST_CONNECT:
             self.isClient = True
         elif where & _ST_ACCEPT:
             self.isClient = False
         if where & _CB_LOOP:
-            state = ffi.string(lib.SSL_state_string_long(ssl))
+            state = _string(_stateStringLong(ssl))
             if state.endswith(b"key update"):
                 if b" read " in state:
                     # Right after reading it, a pending update_not_requested
@@ -326,7 +330,9 @@ class _Watcher:
                     self.checkRate()
                     self.dirty = True
                 elif b" write " in state:
-                    self.noteSent()
+                    self.sent += 1
+                    self.bytesSentMark = self.bytesSent
+                    self.lastRotation = self.clock.seconds()
         if where & _CB_HANDSHAKE_START and self.initialDone:
             self.renegInProgress = True
             if not self.renegOurs:
@@ -381,11 +387,6 @@ class _Watcher:
                 f"{len(times)} client-initiated renegotiations within "
                 f"{window} s (limit {count})"
             )
-
-    def noteSent(self) -> None:
-        self.sent += 1
-        self.bytesSentMark = self.bytesSent
-        self.lastRotation = self.clock.seconds()
 
     # -- wrappers around the TLS protocol and the application protocol
 
