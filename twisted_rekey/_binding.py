@@ -80,6 +80,8 @@ SIGNATURES = {
     "SSL_clear_options": "uint64_t (*)(SSL *, uint64_t)",
     # In cryptography's lib only since 43-ish; per-connection hooks need it.
     "SSL_set_info_callback": "void (*)(SSL *, void (*)(const SSL *, int, int))",
+    # The role of a connection whose handshake was not watched (startTLS).
+    "SSL_is_server": "int (*)(const SSL *)",
 }
 
 # Functions cffi wraps in every release we support; their wrappers' addresses
@@ -389,6 +391,11 @@ class _Resolver:
     # -- public ----------------------------------------------------------------
 
     def resolve(self, name: str) -> tuple[Resolution, Any]:
+        # Every rotation asks: a settled answer needs no lock (entries are
+        # only ever added, whole, under the lock).
+        found = self._done.get(name)
+        if found is not None:
+            return found
         with self._lock:
             found = self._done.get(name)
             if found is not None:

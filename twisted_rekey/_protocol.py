@@ -207,8 +207,13 @@ class _Watcher:
         self.tls = tls
         self.conn = conn
         self.clock = clock
-        # Learnt from the role bits of the info callback's *where*.
-        self.isClient: bool | None = None
+        # SSL_is_server where it can be reached (a watcher may attach after
+        # the handshake, as after startTLS); the info callback's *where* bits
+        # otherwise, once a handshake message passes.
+        isServer = _binding.function("SSL_is_server")[1]
+        self.isClient: bool | None = (
+            None if isServer is None else not isServer(conn._ssl)
+        )
         self.lost = False
 
         self.sent = 0
@@ -238,10 +243,14 @@ class _Watcher:
         self.renegStarts = 0
         self.renegDone = 0
         self.refused = False
+        self.refusedLogged = False
         self.refusedByUs = False
         # Our no_renegotiation alert went out in the handshake now running.
         self.refusing = False
         self.callbackErrors: list[BaseException] = []
+        # From the callback we chain to: logged, never fatal (without us,
+        # cffi would have printed and ignored them).
+        self.previousErrors: list[BaseException] = []
         self.inARow = 0
         # bytesReceived when the last KeyUpdate was read: the data path
         # keeps one counter only, the KeyUpdate path compares.
@@ -255,12 +264,9 @@ class _Watcher:
             self.lastRotation = clock.seconds()
 
         # OpenSSL calls the SSL's own info callback *instead of* the
-        # Context's: chain to whichever one was in effect, so that host name
-        # checks living there (Twisted < 24) keep running exactly as before.
-        previous = getattr(conn, "_info_callback", None)
-        if previous is None:
-            previous = getattr(getattr(conn, "_context", None), "_info_callback", None)
-        self.previous: Any = previous
+        # Context's: chain to whichever one would be in effect (looked up at
+        # each call, since an SNI callback may switch the Context), so that
+        # host name checks living there (Twisted < 24) keep running.
         self.callback = ffi.callback(
             "void (*)(const SSL *, int, int)", self.infoCallback
         )
@@ -291,9 +297,17 @@ class _Watcher:
     # -- could re-enter the state machine.
 
     def infoCallback(self, ssl: Any, where: int, ret: int) -> None:
-        previous = self.previous
+        conn = self.conn
+        # pyOpenSSL >= 25.2 keeps a per-connection callback here.
+        previous = conn.__dict__.get("_info_callback")
+        if previous is None:
+            previous = getattr(conn._context, "_info_callback", None)
         if previous is not None:
-            previous(ssl, where, ret)
+            try:
+                previous(ssl, where, ret)
+            except BaseException as e:
+                self.previousErrors.append(e)
+                self.dirty = True
         try:
             self.observe(ssl, where, ret)
         except BaseException as e:
@@ -313,9 +327,15 @@ class _Watcher:
                 if b" read " in state:
                     # Right after reading it, a pending update_not_requested
                     # on our side means the peer asked us to answer.
-                    requested = (
-                        get_key_update_type(self.conn) == KeyUpdateType.NOT_REQUESTED
-                    )
+                    try:
+                        requested = (
+                            get_key_update_type(self.conn)
+                            == KeyUpdateType.NOT_REQUESTED
+                        )
+                    except FunctionUnavailable:
+                        # Unknown in this build; OpenSSL still answers a
+                        # request with our next write.
+                        requested = False
                     self.peerUpdates.append(requested)
                     if self.bytesReceived != self.bytesAtLastUpdate:
                         self.bytesAtLastUpdate = self.bytesReceived
@@ -457,6 +477,13 @@ class _Watcher:
 
     def processEvents(self, answer: bool) -> None:
         self.dirty = False
+        chained, self.previousErrors = self.previousErrors, []
+        for error in chained:
+            _log.failure(
+                "the info callback twisted_rekey chains to raised",
+                Failure(error),  # type: ignore[no-untyped-call]
+                rekey_event="chained_callback_error",
+            )
         errors, self.callbackErrors = self.callbackErrors, []
         for error in errors:
             _log.failure(
@@ -474,6 +501,7 @@ class _Watcher:
         updates, self.peerUpdates = self.peerUpdates, []
         if updates and answer and any(updates) and not self.closing():
             self.answer()
+        fire: list[_Waiter] = []
         for requested in updates:
             self.received += 1
             self.bytesReceivedMark = self.bytesReceived
@@ -486,15 +514,17 @@ class _Watcher:
                 requested=requested,
                 count=self.received,
             )
-            waiters: list[_Waiter] = []
             if self.requestOutstanding:
                 self.requestOutstanding = False
-                waiters, self.peerWaiters = self.peerWaiters, []
-            # The hook first: code waiting on the Deferred must find the
-            # application's own bookkeeping of this update already done.
+                fire += self.peerWaiters
+                self.peerWaiters = []
             self.callHook(self.owner.keyUpdateReceived, requested)
-            for waiter in list(waiters):
-                waiter.succeed()
+        # After every hook: code waiting on the Deferred must find the
+        # application's own bookkeeping of these updates done, and a new
+        # request it sends must not be "answered" by an older update of
+        # this same read.
+        for waiter in fire:
+            waiter.succeed()
 
         if self.floodReason is not None and not self.lost:
             reason, self.floodReason = self.floodReason, None
@@ -531,7 +561,8 @@ class _Watcher:
                 "refused a client-initiated renegotiation (not allowed)",
                 rekey_event="client_renegotiation_refused",
             )
-        if self.refused:
+        if self.refused and not self.refusedLogged:
+            self.refusedLogged = True
             _log.warn(
                 "the peer refused to renegotiate",
                 rekey_event="renegotiation_refused",
@@ -585,8 +616,11 @@ class _Watcher:
         Send the answer the peer asked for, unless an application write in
         the same read already carried it.
         """
-        if get_key_update_type(self.conn) != KeyUpdateType.NOT_REQUESTED:
-            return
+        try:
+            if get_key_update_type(self.conn) != KeyUpdateType.NOT_REQUESTED:
+                return
+        except FunctionUnavailable:
+            return  # nor can we send it; OpenSSL answers with our next write
         try:
             key_update(self.conn, False)
         except (RekeyError, SSL.Error):

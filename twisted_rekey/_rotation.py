@@ -197,7 +197,8 @@ class RotationDriver:
         if (
             reason is None
             and schedule.method == "renegotiation"
-            and watcher.isClient
+            # Unknown counts as client: refusing to rotate is the safe error.
+            and watcher.isClient is not False
             and not owner.renegotiateAsClient
         ):
             # A refused client renegotiation ends the connection in the
