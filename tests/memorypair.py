@@ -165,6 +165,7 @@ def make_pair(
     allow_client_reneg: bool = False,
     client_policy: RotationPolicy | None = None,
     clock: Callable[[], float] | None = None,
+    renegotiate_as_client: bool = False,
 ) -> Pair:
     """
     A handshaken pair.  With *client_policy*, the client applies it inline.
@@ -181,6 +182,7 @@ def make_pair(
             None,
             policy=client_policy,
             clock=clock or time.monotonic,
+            renegotiate_as_client=renegotiate_as_client,
         )
     client.set_connect_state()
     client.set_tlsext_host_name(b"localhost")

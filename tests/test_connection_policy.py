@@ -118,6 +118,7 @@ def test_tls12_policy_renegotiates_with_server() -> None:
         allow_client_reneg=True,
         client_policy=policy,
         clock=clock,
+        renegotiate_as_client=True,
     )
     pair.client.sendall(b"start")  # starts the schedule
     for _ in range(3):
@@ -127,6 +128,49 @@ def test_tls12_policy_renegotiates_with_server() -> None:
     assert pair.client.total_renegotiations() == 3
     assert pair.server_seen.count("read client hello") == 4  # 1 + 3
     assert pair.take("server") == b"start" + b"z" * 15000
+
+
+def test_tls12_client_policy_stays_off_by_default() -> None:
+    """
+    Against a server that refuses client renegotiation (OpenSSL 3's
+    default), a client's policy must not end its own connection.
+    """
+    clock = FakeClock()
+    policy = RotationPolicy(max_bytes=5000, min_interval=0.05, aead_limit=False)
+    pair = make_pair(SSL.TLS1_2_VERSION, client_policy=policy, clock=clock)
+    for _ in range(4):
+        clock.now += 0.1
+        pair.client.sendall(b"z" * 5000)
+        pair.pump()
+    assert pair.client.total_renegotiations() == 0
+    assert pair.client.rotation_error is not None
+    assert "renegotiate_as_client" in str(pair.client.rotation_error)
+    assert pair.take("server") == b"z" * 20000
+
+
+def test_rotation_never_fails_a_write_that_succeeded() -> None:
+    """
+    The application's info callback raising during the rotation's
+    handshake step: the write still returns what it sent, and the error
+    comes out of the next call.
+    """
+    clock = FakeClock()
+    policy = RotationPolicy(max_bytes=1000, min_interval=0.05, aead_limit=False)
+    pair = make_pair(client_policy=policy, clock=clock)
+    pair.client.sendall(b"start")
+
+    def raise_on_key_update(conn: SSL.Connection, where: int, ret: int) -> None:
+        if b"key update" in conn.get_state_string():
+            raise ZeroDivisionError("from the application's callback")
+
+    pair.client.set_info_callback(raise_on_key_update)
+    clock.now += 1
+    assert pair.client.send(b"x" * 2000) == 2000
+    with pytest.raises(ZeroDivisionError):
+        pair.client.recv(10)
+    pair.pump()
+    assert pair.take("server") == b"start" + b"x" * 2000
+    assert pair.server_seen.count("read client key update") == 1
 
 
 def test_policy_type_checked() -> None:

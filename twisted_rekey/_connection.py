@@ -215,6 +215,12 @@ def protocol_version(conn: SSL.Connection) -> str:
     return str(conn.get_protocol_version_name())
 
 
+def _is_server(conn: SSL.Connection) -> bool:
+    """Whether *conn* is a server; ``False`` when that cannot be told."""
+    is_server = _binding.function("SSL_is_server")[1]
+    return is_server is not None and bool(is_server(_ssl(conn)))
+
+
 def _is_tls13(conn: SSL.Connection) -> bool:
     return bool(lib.SSL_version(_ssl(conn)) >= _TLS1_3_VERSION)
 
@@ -450,7 +456,7 @@ def allow_client_renegotiation(target: SSL.Context | SSL.Connection) -> None:
     (pyOpenSSL refuses to change a Context in use), or a single
     :class:`OpenSSL.SSL.Connection` at any time.
 
-    :raises TypeError: if *target* is neither.
+    :raises NotAConnection: (a :class:`TypeError`) if *target* is neither.
     :raises ValueError: from pyOpenSSL, if the Context is already in use.
 
     .. versionadded:: 0.1.0
@@ -542,6 +548,11 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     :param socket: as for :class:`OpenSSL.SSL.Connection`.
     :param policy: a :class:`twisted_rekey.RotationPolicy`, or ``None``.
     :param clock: a monotonic clock in seconds (tests pass a fake one).
+    :param renegotiate_as_client: whether a *client*'s policy may rotate a
+        TLS 1.2 connection.  ``False`` by default: that takes a
+        client-initiated renegotiation, which OpenSSL 3 servers (and many
+        others) refuse, and the refusal ends the connection; then
+        :attr:`rotation_error` says why rotation stays off.
     :raises TypeError: if *policy* is not a policy.
     :raises FunctionUnavailable: if ``SSL_set_info_callback`` cannot be
         reached (it is in every cryptography release's cffi ``lib`` since
@@ -557,6 +568,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         *,
         policy: RotationPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        renegotiate_as_client: bool = False,
     ) -> None:
         if policy is not None and not isinstance(policy, RotationPolicy):
             raise TypeError(
@@ -565,6 +577,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         super().__init__(context, socket)
         self._rekey_policy = policy
         self._rekey_clock = clock
+        self._rekey_renegotiate_as_client = renegotiate_as_client
         self._rekey_schedule: RotationSchedule | None = None
         self._rekey_user_info: Callable[[SSL.Connection, int, int], object] | None
         self._rekey_user_info = None
@@ -627,7 +640,11 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             self.key_updates_received += 1
             # Right after reading it, a pending update_not_requested on our
             # side means the peer asked us to update.
-            requested = get_key_update_type(self) is KeyUpdateType.NOT_REQUESTED
+            try:
+                pending = get_key_update_type(self)
+            except FunctionUnavailable:
+                pending = KeyUpdateType.NONE  # unknown in this build
+            requested = pending is KeyUpdateType.NOT_REQUESTED
             self.key_update_requests_received += requested
             if self._rekey_schedule is not None:
                 self._rekey_schedule.peer_rotated(
@@ -703,13 +720,27 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             except FunctionUnavailable:
                 secure = None  # unknown: the policy then leaves TLS 1.2 alone
         cipher = self.get_cipher_name()
-        self._rekey_schedule = self._rekey_policy.start(
+        schedule = self._rekey_policy.start(
             now,
             protocol=protocol_version(self),
             cipher=None if cipher is None else str(cipher),
             secure_renegotiation=secure,
         )
-        return self._rekey_schedule
+        self._rekey_schedule = schedule
+        if (
+            schedule.method == "renegotiation"
+            and not self._rekey_renegotiate_as_client
+            and not _is_server(self)
+        ):
+            # A refused client renegotiation ends the connection in the
+            # client's OpenSSL: never risk it unless the application says so.
+            self.rotation_error = RekeyError(
+                f"rotation stays off: on {protocol_version(self)} a client "
+                "rotates by renegotiating, which many servers refuse by "
+                "closing the connection (pass renegotiate_as_client=True "
+                "where the server allows it)"
+            )
+        return schedule
 
     def _rekey_account(self, nbytes: int) -> None:
         if self._rekey_policy is None or self.rotation_error is not None:
@@ -726,18 +757,27 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         if action is None:
             return
         # The policy waits for rotated() or rotation_failed(): always say one.
+        # And the write that got here succeeded: nothing below may make it
+        # look as if it failed (a caller would send the data again).
         try:
             if action.method == "key-update":
                 key_update(self, action.request_peer)
             else:
                 renegotiate(self)
+        except SSL.WantWriteError:
+            # OpenSSL accepted the rotation and sends it with the next write.
+            schedule.rotated(now, requested_peer=action.request_peer)
         except FunctionUnavailable as e:
             schedule.rotation_failed(now)
             self.rotation_error = e
-        except (RekeyError, SSL.WantReadError, SSL.WantWriteError):
+        except (RekeyError, SSL.Error):
+            # A broken connection says so at the application's next call.
             schedule.rotation_failed(now)
-        except BaseException:
+        except Exception as e:
+            # The application's own info callback raised during the
+            # rotation's handshake step: re-raised by the next call.
             schedule.rotation_failed(now)
-            raise
+            if self._rekey_callback_error is None:
+                self._rekey_callback_error = e
         else:
             schedule.rotated(now, requested_peer=action.request_peer)
