@@ -195,3 +195,29 @@ def test_new_request_from_a_waiter_is_not_answered_by_an_older_update(
     pair.pump.flush()  # the server reads the new request and answers it
     assert _result(d) == [None]
     assert pair.client.rekeyStats.keyUpdatesReceived == 3
+
+
+def test_client_renegotiation_dropped_where_openssl_would_accept_it(
+    cert_files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    OpenSSL before 3.0 accepts a client's renegotiation by default: a server
+    that did not opt in drops the client itself.  Simulated here: the
+    connection accepts at the OpenSSL level, and the version check says old.
+    """
+    from twisted_rekey import _protocol
+    from twisted_rekey._binding import lib
+    from twisted_rekey._connection import OP_ALLOW_CLIENT_RENEGOTIATION
+    from twisted_rekey.exceptions import PeerRefused, RenegotiationRateLimited
+
+    monkeypatch.setattr(_protocol, "_OPENSSL_BEFORE_3", True)
+    pair = Pair(cert_files, "1.2")
+    server_conn = pair.server.transport.getHandle()  # type: ignore[union-attr]
+    lib.SSL_set_options(server_conn._ssl, OP_ALLOW_CLIENT_RENEGOTIATION)
+    d = pair.client.renegotiate()
+    pair.pump.flush()
+    (failure,) = _result(d)
+    assert failure.check(PeerRefused)
+    assert pair.server.lost is not None
+    assert pair.server.lost.check(RenegotiationRateLimited)
+    assert "does not allow" in str(pair.server.lost.value)

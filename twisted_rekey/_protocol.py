@@ -68,6 +68,10 @@ __all__ = ["RekeyProtocolMixin", "RekeyStats"]
 _LEVELS = frozenset(LogLevel.iterconstants())
 
 
+#: OpenSSL before 3.0 accepts client-initiated renegotiation by default.
+_OPENSSL_BEFORE_3 = lib.OpenSSL_version_num() < 0x30000000
+
+
 class _Logger(Logger):
     """
     A :class:`~twisted.logger.Logger` whose events cost less to build: the
@@ -539,6 +543,12 @@ class _Watcher:
         starts, self.renegStarts = self.renegStarts, 0
         for _ in range(starts):
             if self.isClient is False:
+                if not self.owner.allowClientRenegotiation and _OPENSSL_BEFORE_3:
+                    # OpenSSL 3 refuses these itself; older ones accept them.
+                    self.abuseReason = (
+                        "a client-initiated renegotiation, which this server "
+                        "does not allow (allowClientRenegotiation is off)"
+                    )
                 self.noteClientRenegotiation()
             _log.info(
                 "peer started a renegotiation",
