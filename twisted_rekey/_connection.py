@@ -215,10 +215,10 @@ def protocol_version(conn: SSL.Connection) -> str:
     return str(conn.get_protocol_version_name())
 
 
-def _is_server(conn: SSL.Connection) -> bool:
-    """Whether *conn* is a server; ``False`` when that cannot be told."""
+def _is_server(conn: SSL.Connection) -> bool | None:
+    """Whether *conn* is a server; ``None`` when that cannot be told here."""
     is_server = _binding.function("SSL_is_server")[1]
-    return is_server is not None and bool(is_server(_ssl(conn)))
+    return None if is_server is None else bool(is_server(_ssl(conn)))
 
 
 def _is_tls13(conn: SSL.Connection) -> bool:
@@ -730,7 +730,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         if (
             schedule.method == "renegotiation"
             and not self._rekey_renegotiate_as_client
-            and not _is_server(self)
+            and _is_server(self) is not True  # unknown counts as a client
         ):
             # A refused client renegotiation ends the connection in the
             # client's OpenSSL: never risk it unless the application says so.

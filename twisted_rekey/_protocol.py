@@ -33,11 +33,12 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from . import _binding
 from ._binding import ffi, lib
 from ._connection import (
     OP_ALLOW_CLIENT_RENEGOTIATION,
     KeyUpdateType,
+    _is_server,
+    _need,
     get_key_update_type,
     handshake_complete,
     key_update,
@@ -166,19 +167,6 @@ class RekeyStats:
     secondsSinceRotation: float
 
 
-def _setInfoCallback(ssl: Any, callback: Any) -> None:
-    """
-    ``SSL_set_info_callback``: in cryptography's cffi ``lib`` since about
-    release 43, reached through the binding before that.
-    """
-    func = getattr(lib, "SSL_set_info_callback", None)
-    if func is None:
-        resolution, func = _binding.function("SSL_set_info_callback")
-        if func is None:
-            raise FunctionUnavailable("SSL_set_info_callback", resolution.reason)
-    func(ssl, callback)
-
-
 def _findTLS(transport: object) -> TLSMemoryBIOProtocol | None:
     """
     The :class:`TLSMemoryBIOProtocol` that owns the memory BIO: the
@@ -214,10 +202,8 @@ class _Watcher:
         # SSL_is_server where it can be reached (a watcher may attach after
         # the handshake, as after startTLS); the info callback's *where* bits
         # otherwise, once a handshake message passes.
-        isServer = _binding.function("SSL_is_server")[1]
-        self.isClient: bool | None = (
-            None if isServer is None else not isServer(conn._ssl)
-        )
+        isServer = _is_server(conn)
+        self.isClient: bool | None = None if isServer is None else not isServer
         self.lost = False
 
         self.sent = 0
@@ -277,7 +263,7 @@ class _Watcher:
         # The SSL* outlives nothing that does not hold the Connection: keep
         # the callback referenced there, as pyOpenSSL does with its own.
         conn._rekeyInfoCallback = self.callback  # type: ignore[attr-defined]
-        _setInfoCallback(conn._ssl, self.callback)
+        _need("SSL_set_info_callback")(conn._ssl, self.callback)
 
         if owner.allowClientRenegotiation:
             # Only servers look at this option.
