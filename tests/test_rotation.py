@@ -163,6 +163,27 @@ def test_repeated_intervals_with_traffic(cert_files: Any) -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_application_key_update_restarts_the_interval(cert_files: Any) -> None:
+    """The application's own keyUpdate() is a new key for the policy too."""
+    clock = task.Clock()
+    policy = RotationPolicy(interval=10, jitter=0)
+    one = link(cert_files, clock, policy)
+    one.client.transport.write(b"a")
+    advance(clock, [one], 8, 1)
+    schedule = one.client.rotationSchedule
+    assert schedule.rotations == 0
+    one.client.keyUpdate()
+    one.client.transport.write(b"b")
+    one.pump.flush()
+    assert schedule.rotations == 1
+    advance(clock, [one], 5, 1)  # 13 s: the policy's own would have been at 10
+    assert one.client.rekeyStats.keyUpdatesSent == 1
+    advance(clock, [one], 6, 1)  # 19 s: 10 s after the application's
+    assert one.client.rekeyStats.keyUpdatesSent == 2
+    assert one.server.updates == [False, False]
+    one.close()
+
+
 def test_skip_idle(cert_files: Any) -> None:
     clock = task.Clock()
     one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0))

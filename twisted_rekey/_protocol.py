@@ -689,6 +689,10 @@ class _Watcher:
         if send:
             self.requestOutstanding = True
             self.requested += 1
+        if self.rotation is not None:
+            # A new key the policy may not have asked for (the application's
+            # own keyUpdate()): its counters start again from here.
+            self.rotation.keyUpdateSent(send)
         _log.info(
             "sent a KeyUpdate (update_requested={requested}, reason: {reason})",
             rekey_event="key_update_sent",

@@ -251,6 +251,20 @@ class RotationDriver:
         except Exception:
             self._crashed()
 
+    def keyUpdateSent(self, requested: bool) -> None:
+        """
+        A KeyUpdate went out.  One the policy did not ask for (the
+        application's own ``keyUpdate()``) is a new key all the same: the
+        schedule starts again from it, instead of rotating again soon after.
+        """
+        if self._stopped or self._inFlight is not None:
+            return  # ours: _perform reports it
+        try:
+            self.schedule.rotated(self._clock.seconds(), requested_peer=requested)
+            self._arm()
+        except Exception:
+            self._crashed()
+
     def renegotiated(self) -> None:
         """A renegotiation completed, whoever started it."""
         if self._stopped or self._inFlight is not None:
