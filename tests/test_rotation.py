@@ -438,6 +438,32 @@ def test_tls12_without_secure_renegotiation_left_alone(
 # -- lifetime ----------------------------------------------------------------------
 
 
+def test_tls12_renegotiation_never_taken_up_stops_rotation(
+    cert_files: Any, events: Events
+) -> None:
+    """
+    A client may ignore a HelloRequest (RFC 5246), and OpenSSL then starts
+    no other renegotiation: after the timeout the policy stops for that
+    connection instead of waiting on the stale one again and again.
+    """
+    from twisted_rekey._rotation import RENEGOTIATION_TIMEOUT
+
+    clock = task.Clock()
+    one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2", "server")
+    one.server.transport.write(b"x")
+    one.pump.flush()
+    # The HelloRequest is never delivered: the client "ignores" it.
+    clock.advance(6)
+    clock.advance(RENEGOTIATION_TIMEOUT + 1)
+    disabled = [e for e in events.events if e["rekey_event"] == "rotation_disabled"]
+    assert len(disabled) == 1 and "did not" in disabled[0]["error"]
+    clock.advance(60)
+    assert [e for e in events.events if e["rekey_event"] == "rotation_failed"] == []
+    assert one.server.rotationSchedule.rotations == 0
+    one.pump.flush()
+    one.close()
+
+
 def test_timers_cancelled_on_loss(cert_files: Any) -> None:
     clock = task.Clock()
     policy = RotationPolicy(interval=60, request_peer_interval=120)

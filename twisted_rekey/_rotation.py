@@ -36,7 +36,12 @@ from ._connection import protocol_version, secure_renegotiation_support
 from ._policy import RotationAction, RotationPolicy, RotationSchedule
 from ._protocol import RekeyProtocolMixin
 from ._scheduler import RotationScheduler
-from .exceptions import ConnectionStateError, FunctionUnavailable, PeerRefused
+from .exceptions import (
+    ConnectionStateError,
+    FunctionUnavailable,
+    PeerRefused,
+    RekeyTimeout,
+)
 
 if TYPE_CHECKING:
     from ._protocol import _Watcher
@@ -385,7 +390,13 @@ class RotationDriver:
         return None
 
     def _failed(self, action: RotationAction, failure: Failure, now: float) -> None:
-        if failure.check(  # type: ignore[no-untyped-call]
+        # A renegotiation the peer never took up (RFC 5246 lets a client
+        # ignore a HelloRequest) stays pending in OpenSSL, which starts no
+        # other: asking again would only wait on it again.
+        ignored = action.method == "renegotiation" and failure.check(  # type: ignore[no-untyped-call]
+            RekeyTimeout
+        )
+        if ignored or failure.check(  # type: ignore[no-untyped-call]
             PeerRefused, FunctionUnavailable, ConnectionStateError
         ):
             # Asking again would meet the same answer (or the connection is
