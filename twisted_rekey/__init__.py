@@ -11,7 +11,7 @@ not pay for importing Twisted.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._binding import Capabilities, Resolution, capabilities
 from ._connection import (
@@ -57,6 +57,16 @@ from .exceptions import (
 )
 
 # Names served lazily: name -> private module that defines it.
+if TYPE_CHECKING:
+    # What the lazy names below are, for type checkers (not imported at run
+    # time: they import Twisted).
+    from ._interfaces import IRekeyable as IRekeyable
+    from ._protocol import RekeyProtocolMixin as RekeyProtocolMixin
+    from ._protocol import RekeyStats as RekeyStats
+    from ._rotation import RotatingFactory as RotatingFactory
+    from ._rotation import RotatingProtocol as RotatingProtocol
+    from ._scheduler import RotationScheduler as RotationScheduler
+
 _LAZY: dict[str, str] = {
     "IRekeyable": "._interfaces",
     "RekeyProtocolMixin": "._protocol",
@@ -97,6 +107,7 @@ __all__ = [
     "Capabilities",
     "ConnectionStateError",
     "FunctionUnavailable",
+    "IRekeyable",
     "InsecureRenegotiation",
     "InvalidUpdateType",
     "KeyUpdateFlood",
@@ -108,12 +119,17 @@ __all__ = [
     "RekeyConnectionMixin",
     "RekeyError",
     "RekeyMethod",
+    "RekeyProtocolMixin",
+    "RekeyStats",
     "RekeyTimeout",
     "RenegotiationRateLimited",
     "Resolution",
+    "RotatingFactory",
+    "RotatingProtocol",
     "RotationAction",
     "RotationPolicy",
     "RotationSchedule",
+    "RotationScheduler",
     "WrongProtocolVersion",
     "__version__",
     "aead_record_limit",
@@ -129,5 +145,4 @@ __all__ = [
     "renegotiate_pending",
     "secure_renegotiation_support",
     "total_renegotiations",
-    *_LAZY,
 ]
