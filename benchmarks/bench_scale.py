@@ -31,7 +31,7 @@ Needs one file descriptor per connection in each process: the script raises
 handshake, so that with ``policy-noskip`` the first rotations (due ~60 s
 after each handshake) have begun.  Not a test: numbers depend on the machine.
 
-Measured 2026-11-26 on the 2-core machine of DESIGN.md (Twisted 26.10,
+Measured 2026-11-26 on a 2-core shared machine (Twisted 26.10,
 pyOpenSSL 26.4, cryptography 50.0.2), 10,000 connections, 60 s policy,
 60 s window after 65 s of warm-up, server CPU by getrusage:
 
