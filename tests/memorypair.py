@@ -13,7 +13,8 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trustme
@@ -45,6 +46,37 @@ def blocking(sock: socket.socket, seconds: int = 10) -> None:
     timeval = struct.pack("ll", seconds, 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+@contextmanager
+def connected(
+    ctx: SSL.Context,
+    address: tuple[str, int],
+    *,
+    servername: bytes | None = None,
+    seconds: int = 10,
+) -> Iterator[RekeyConnection]:
+    """
+    A handshaken blocking :class:`RekeyConnection` client to *address*,
+    its handshake states recorded in ``conn.seen`` (a :class:`Watcher`);
+    shut down and closed on leaving.
+    """
+    sock = socket.create_connection(address, timeout=seconds)
+    blocking(sock, seconds)
+    conn = RekeyConnection(ctx, sock)
+    if servername is not None:
+        conn.set_tlsext_host_name(servername)
+    conn.seen = watch(conn)  # type: ignore[attr-defined]
+    conn.set_connect_state()
+    try:
+        conn.do_handshake()
+        yield conn
+    finally:
+        try:
+            conn.shutdown()
+        except SSL.Error:
+            pass
+        sock.close()
 
 
 def read_until(conn: SSL.Connection, marker: bytes) -> bytes:

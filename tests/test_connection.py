@@ -15,7 +15,14 @@ from contextlib import contextmanager
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from memorypair import blocking, client_context, make_pair, server_context, watch
+from memorypair import (
+    blocking,
+    client_context,
+    connected,
+    make_pair,
+    server_context,
+    watch,
+)
 from OpenSSL import SSL
 
 import twisted_rekey
@@ -369,21 +376,13 @@ class _EchoServer:
 
 @contextmanager
 def _client(version: int, server: _EchoServer) -> Iterator[RekeyConnection]:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    blocking(sock)
-    conn = RekeyConnection(client_context(version), sock)
-    conn.set_tlsext_host_name(b"localhost")
-    conn.states = watch(conn).states  # type: ignore[attr-defined]
-    conn.set_connect_state()
-    conn.do_handshake()
+    address = ("127.0.0.1", server.port)
     try:
-        yield conn
+        with connected(
+            client_context(version), address, servername=b"localhost"
+        ) as conn:
+            yield conn
     finally:
-        try:
-            conn.shutdown()
-        except SSL.Error:
-            pass
-        sock.close()
         server.stop()
 
 
@@ -406,7 +405,7 @@ def test_socket_client_key_update(request_peer: bool) -> None:
         assert server.states.count("TLSv1.3 read client key update") == 1
         # The echo server writes after reading our request, which carries
         # its answer: we read its KeyUpdate only if we asked for one.
-        assert conn.states.count("TLSv1.3 read server key update") == int(request_peer)
+        assert conn.seen.count("TLSv1.3 read server key update") == int(request_peer)
     assert server.error is None
 
 
@@ -416,7 +415,7 @@ def test_socket_server_key_update(request_peer: bool) -> None:
     with _client(TLS13, server) as conn:
         conn.sendall(b"REKEY!" if request_peer else b"REKEY")
         assert conn.recv(100) == b"REKEYED"
-        assert conn.states.count("TLSv1.3 read server key update") == 1
+        assert conn.seen.count("TLSv1.3 read server key update") == 1
         assert _echo(conn, b"after") == b"after"
         assert server.states.count("TLSv1.3 read client key update") == int(
             request_peer
@@ -430,7 +429,7 @@ def test_socket_server_renegotiation() -> None:
         conn.sendall(b"REKEY")
         assert conn.recv(100) == b"REKEYED"
         assert _echo(conn, b"after") == b"after"
-        assert conn.states.count("SSLv3/TLS read hello request") == 1
+        assert conn.seen.count("SSLv3/TLS read hello request") == 1
         assert conn.total_renegotiations() == 1
     assert server.error is None
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import pytest
-from memorypair import blocking, read_until, watch
+from memorypair import blocking, connected, read_until, watch
 from OpenSSL import SSL
 from peers import (
     OPENSSL_KEY_UPDATE_RECEIVED,
@@ -28,29 +27,15 @@ from twisted_rekey import KeyUpdateType, PeerRefused, RekeyConnection
 TIMEOUT = 10
 
 
-@contextmanager
 def _connect(
     certs: CertFiles, address: tuple[str, int], version: int
-) -> Iterator[RekeyConnection]:
+) -> AbstractContextManager[RekeyConnection]:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(version)
     ctx.set_max_proto_version(version)
     ctx.load_verify_locations(str(certs.ca_cert))
     ctx.set_verify(SSL.VERIFY_PEER)
-    sock = socket.create_connection(address, timeout=TIMEOUT)
-    blocking(sock, TIMEOUT)
-    conn = RekeyConnection(ctx, sock)
-    conn.seen = watch(conn)  # type: ignore[attr-defined]
-    conn.set_connect_state()
-    conn.do_handshake()
-    try:
-        yield conn
-    finally:
-        try:
-            conn.shutdown()
-        except SSL.Error:
-            pass
-        sock.close()
+    return connected(ctx, address, seconds=TIMEOUT)
 
 
 # -- openssl s_server receives ours ---------------------------------------------
