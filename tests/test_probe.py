@@ -608,6 +608,14 @@ def test_handshake_timeout() -> None:
 # -- KeyUpdate limits --------------------------------------------------------------
 
 
+def probe_limits(
+    port: int, cert_files: CertFiles
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    return probe(
+        port, "--tls1_3", "--limits", "--wait", "0.3", cafile=cert_files.ca_cert
+    )
+
+
 def limits(data: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     found = findings(data, "1.3")
     return tuple(
@@ -624,14 +632,7 @@ def test_limits_gnutls_eight_per_second(cert_files: CertFiles) -> None:
     floor keeps a margin over 1/8 s, as measured necessary.
     """
     with GnuTLSServer(cert_files, version="1.3") as server:
-        done, data = probe(
-            server.port,
-            "--tls1_3",
-            "--limits",
-            "--wait",
-            "0.3",
-            cafile=cert_files.ca_cert,
-        )
+        done, data = probe_limits(server.port, cert_files)
         # GnuTLS's own words (lib/tls13/key_update.c, at -d 2 and up).
         server.expect(
             r"reached maximum number of key updates per 1000 milliseconds \(8\)"
@@ -656,14 +657,7 @@ def test_limits_openssl_none(cert_files: CertFiles) -> None:
     """OpenSSL has no cap on KeyUpdates received: s_server takes all of them
     (and prints each), up to the documented maximum."""
     with OpenSSLServer(cert_files, version="1.3") as server:
-        done, data = probe(
-            server.port,
-            "--tls1_3",
-            "--limits",
-            "--wait",
-            "0.3",
-            cafile=cert_files.ca_cert,
-        )
+        done, data = probe_limits(server.port, cert_files)
         server.expect_absent(r"Alert.*fatal", wait=0.1)
     assert done.returncode == 0, done.stderr
     rate, row, floor = limits(data)
@@ -682,14 +676,7 @@ def test_limits_go_none(cert_files: CertFiles) -> None:
     readRecordOrCCS: no limit on KeyUpdates in their own records.
     """
     with ForeignPeer("go", "server", cert_files, accept=3) as server:
-        done, data = probe(
-            server.port,
-            "--tls1_3",
-            "--limits",
-            "--wait",
-            "0.3",
-            cafile=cert_files.ca_cert,
-        )
+        done, data = probe_limits(server.port, cert_files)
         server.expect(r"^CLOSED n=3 ")
     assert done.returncode == 0, done.stderr
     rate, row, floor = limits(data)
@@ -726,14 +713,7 @@ def test_limits_in_a_row(cert_files: CertFiles) -> None:
             conn.sendall(data)
 
     with _Listener(strict) as server:
-        done, data = probe(
-            server.port,
-            "--tls1_3",
-            "--limits",
-            "--wait",
-            "0.3",
-            cafile=cert_files.ca_cert,
-        )
+        done, data = probe_limits(server.port, cert_files)
     assert done.returncode == 0, done.stderr
     rate, row, floor = limits(data)
     # Our data between the first burst's KeyUpdates reset the count.
