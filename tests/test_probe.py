@@ -688,11 +688,14 @@ def test_limits_go_none(cert_files: CertFiles) -> None:
 _IN_A_ROW = 32
 
 
-def test_limits_in_a_row(cert_files: CertFiles) -> None:
+@pytest.mark.parametrize("echo", [True, False])
+def test_limits_in_a_row(cert_files: CertFiles, echo: bool) -> None:
     """
     A peer that counts KeyUpdates with no application data between them and
     drops the connection at the 33rd, as rustls and BoringSSL do (kMaxKeyUpdates
     = 32): the probe finds exactly 32, and says skip_idle must stay on.
+    Without an echo the first burst cannot keep the in-a-row count down:
+    its drop at the same count is not reported as a per-second limit.
     """
 
     def strict(raw: socket.socket, stop: threading.Event) -> None:
@@ -710,18 +713,25 @@ def test_limits_in_a_row(cert_files: CertFiles) -> None:
         while True:
             data = conn.recv(65536)
             seen = 0
-            conn.sendall(data)
+            if echo:
+                conn.sendall(data)
 
     with _Listener(strict) as server:
         done, data = probe_limits(server.port, cert_files)
     assert done.returncode == 0, done.stderr
     rate, row, floor = limits(data)
-    # Our data between the first burst's KeyUpdates reset the count.
-    assert rate["result"] == "no_limit"
+    if echo:
+        # Our data between the first burst's KeyUpdates reset the count.
+        assert rate["result"] == "no_limit"
+        assert rate["detail"]["exact"] is True
+    else:
+        assert rate["result"] == "not_measured"
+        assert "in-a-row limit" in rate["text"]
     assert row["result"] == "limit"
     assert row["detail"]["limit"] == _IN_A_ROW
     assert floor["detail"]["skip_idle_required"] is True
     assert floor["detail"]["in_a_row_limit"] == _IN_A_ROW
+    assert floor["detail"]["per_second_limit"] is None
     assert "keep skip_idle=True" in floor["text"]
 
 
