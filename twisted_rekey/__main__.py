@@ -159,9 +159,9 @@ _VERDICTS = {
 
 def _print_report(report: ProbeReport) -> None:
     if report.verified:
-        checked = f"certificate and name checked: {report.servername}"
+        checked = f"verifying the certificate and name: {report.servername}"
     else:
-        checked = f"SNI {report.servername}; certificate and name NOT checked"
+        checked = f"SNI {report.servername}; certificate and name NOT verified"
     print(f"target: {report.label} ({checked})")
     if not report.verified:
         print("WARNING: certificate verification is disabled (--insecure)")
