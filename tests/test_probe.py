@@ -44,6 +44,7 @@ from twisted_rekey._probe import (
     RENEGOTIATIONS_MAX,
     REPORT_SCHEMA,
     SCHEMA_VERSION,
+    batch_exit_code,
     parse_target,
 )
 
@@ -593,6 +594,25 @@ def test_closed_port() -> None:
     assert data["status"] == "refused"
     assert data["results"][0]["status"] == "refused"
     assert data["error"] == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+
+
+def test_unresolved_name() -> None:
+    # .invalid never resolves (RFC 6761).
+    done = run_probe("https://no-such-host.invalid/", "--json", "--timeout", "2")
+    data = json.loads(done.stdout)
+    _VALIDATOR.validate(data)
+    assert done.returncode == data["exit_code"] == 3
+    assert (data["status"], data["results"]) == ("unresolved", [])
+    assert data["target"]["port"] == 443
+
+
+def test_batch_exit_code() -> None:
+    """Of many targets, the code that matters most wins."""
+    assert batch_exit_code([0, 6, 4]) == 6
+    assert batch_exit_code([6, 1, 0]) == 1
+    assert batch_exit_code([1, 3]) == 3
+    assert batch_exit_code([4, 0]) == 4
+    assert batch_exit_code([0, 0]) == 0
 
 
 def test_handshake_timeout() -> None:
