@@ -141,6 +141,10 @@ _PACKAGES = {
     "gnutls-cli": "gnutls-bin",
     "stdbuf": "coreutils",
     "unshare": "util-linux",
+    "go": "golang-go",
+    "java": "default-jdk-headless",
+    "javac": "default-jdk-headless",
+    "node": "nodejs",
 }
 
 #: ``-msg`` output of s_server/s_client on *receiving* a KeyUpdate.
