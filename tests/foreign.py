@@ -12,10 +12,9 @@ All three drivers take the same options and print the same lines::
 
     READY port=N                         server: listening on 127.0.0.1:N
     HANDSHAKE n=N version=V ...          a completed handshake; n > 1 is a
-                                         renegotiation (Go: every handshake,
-                                         seen by Config.VerifyConnection;
-                                         Java: HandshakeCompletedListener;
-                                         Node: 'keylog' lines)
+                                         renegotiation (Go and Node: seen
+                                         from their key log lines; Java:
+                                         HandshakeCompletedListener)
     REKEY n=N                            Java/Node: the driver itself
                                          renegotiated (Java on TLS 1.3: sent
                                          a KeyUpdate)

@@ -64,6 +64,9 @@ public final class TlsPeer {
 
     private static void fail(Throwable e) {
         System.err.println("ERROR " + e);
+        if (System.getenv("TLS_PEER_TRACE") != null) {
+            e.printStackTrace();
+        }
         System.err.flush();
         Runtime.getRuntime().halt(1);
     }

@@ -5,15 +5,15 @@
 // It prints, one line each, on stdout:
 //
 //	READY port=N                              (server, once listening)
-//	HANDSHAKE n=N version=TLS1.2 resumed=B     (each handshake; n > 1 is a
+//	HANDSHAKE n=N version=TLS1.2              (each handshake; n > 1 is a
 //	                                           renegotiation)
 //	CLOSED n=N bytes=N sha256=HEX              (server, each connection)
 //	RESULT bytes=N sha256=HEX match=B         (client)
 //
 // and any error on stderr ("ERROR ..."), exiting 1.  Go logs no KeyUpdate:
 // crypto/tls handles received ones internally and never sends one itself.
-// Handshakes are seen through Config.VerifyConnection, which Go calls for
-// every full or resumed handshake, renegotiations included.
+// Handshakes are seen through the key log (Config.KeyLogWriter), which Go
+// writes for every handshake, renegotiations included.
 //
 // It must never listen anywhere but 127.0.0.1/::1 and always ends within
 // -timeout.
@@ -31,6 +31,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"time"
 )
@@ -78,16 +79,6 @@ func version(v string) uint16 {
 	return 0
 }
 
-func versionName(v uint16) string {
-	switch v {
-	case tls.VersionTLS12:
-		return "TLS1.2"
-	case tls.VersionTLS13:
-		return "TLS1.3"
-	}
-	return fmt.Sprintf("0x%04x", v)
-}
-
 func config() *tls.Config {
 	cfg := &tls.Config{
 		MinVersion: version(*minVersion),
@@ -125,15 +116,28 @@ func config() *tls.Config {
 	return cfg
 }
 
-// handshakes counts the handshakes of one connection.
-func countHandshakes(cfg *tls.Config) *tls.Config {
-	n := 0
-	c := cfg.Clone()
-	c.VerifyConnection = func(cs tls.ConnectionState) error {
-		n++
-		say("HANDSHAKE n=%d version=%s resumed=%t", n, versionName(cs.Version), cs.DidResume)
-		return nil
+// keyLog counts the handshakes of one connection from the key log lines Go
+// writes for each (CLIENT_RANDOM for TLS 1.2, CLIENT_TRAFFIC_SECRET_0 for
+// TLS 1.3), renegotiations included.  Config.VerifyConnection would not do:
+// Go skips it on a renegotiation, which must keep the same certificate.
+type keyLog struct{ n int }
+
+func (k *keyLog) Write(line []byte) (int, error) {
+	label := strings.SplitN(string(line), " ", 2)[0]
+	switch label {
+	case "CLIENT_RANDOM":
+		k.n++
+		say("HANDSHAKE n=%d version=TLS1.2", k.n)
+	case "CLIENT_TRAFFIC_SECRET_0":
+		k.n++
+		say("HANDSHAKE n=%d version=TLS1.3", k.n)
 	}
+	return len(line), nil
+}
+
+func countHandshakes(cfg *tls.Config) *tls.Config {
+	c := cfg.Clone()
+	c.KeyLogWriter = &keyLog{}
 	return c
 }
 

@@ -139,7 +139,8 @@ function client() {
   const sent = crypto.createHash('sha256');
   const received = crypto.createHash('sha256');
   let count = 0;
-  sock.on('secureConnect', () => {
+  // once: Node emits it again after each renegotiation.
+  sock.once('secureConnect', () => {
     startRekeys(sock);
     let left = total;
     const writeSome = () => {
