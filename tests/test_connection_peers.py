@@ -265,7 +265,10 @@ def test_full_renegotiation_from_our_server(cert_files: CertFiles, stack: str) -
     # the client offers its session again, and a full renegotiation must
     # neither resume it nor leave out the ticket a GnuTLS client waits for.
     server = _Server(
-        cert_files, SSL.TLS1_2_VERSION, allow_reneg=False, renegotiate_on=b"please rotate"
+        cert_files,
+        SSL.TLS1_2_VERSION,
+        allow_reneg=False,
+        renegotiate_on=b"please rotate",
     )
     client: GnuTLSClient | OpenSSLClient
     if stack == "gnutls-cli":
