@@ -822,18 +822,27 @@ class _Watcher:
         deadline = RENEGOTIATION_DEADLINE if timeout is None else timeout
         start = self.clock.seconds()
         result: Deferred[None] = Deferred(lambda _: self.cancelQuietWait())
+        # Polled a few times per period (the data path keeps no clock), so
+        # that the renegotiation starts soon after the quiet period, not as
+        # late as the client's next burst.
+        step = quiet / 4
         mark = self.bytesReceived
+        lastData = start
 
         def check() -> None:
-            nonlocal mark
+            nonlocal mark, lastData
             self.quietTimer = None
+            now = self.clock.seconds()
+            if self.bytesReceived != mark:
+                mark = self.bytesReceived
+                lastData = now
             if self.closing():
                 result.errback(
                     ConnectionStateError("the connection closed before it was quiet")
                 )
-            elif self.bytesReceived == mark:
+            elif now - lastData >= quiet:
                 self.renegotiate(False, timeout, reason).chainDeferred(result)
-            elif self.clock.seconds() - start + quiet > deadline:
+            elif now - start + quiet > deadline:
                 result.errback(
                     RekeyTimeout(
                         f"the peer was never quiet for {quiet} s within "
@@ -841,10 +850,9 @@ class _Watcher:
                     )
                 )
             else:
-                mark = self.bytesReceived
-                self.quietTimer = self.clock.callLater(quiet, check)
+                self.quietTimer = self.clock.callLater(step, check)
 
-        self.quietTimer = self.clock.callLater(quiet, check)
+        self.quietTimer = self.clock.callLater(step, check)
         return result
 
     def cancelQuietWait(self) -> None:
