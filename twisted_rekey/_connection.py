@@ -392,7 +392,10 @@ def renegotiate(conn: SSL.Connection) -> None:
     that function cannot be reached it sets
     ``OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION`` instead.  Sessions made by
     the renegotiation carry that context: a later connection cannot resume
-    them.  The handshake completes
+    them.  A server should write nothing more until
+    :func:`renegotiate_pending` turns false: Go and GnuTLS clients take data
+    arriving in their handshake for a protocol error (the Twisted layer holds
+    such writes itself).  The handshake completes
     as the application goes on reading: :func:`renegotiate_pending` turns
     false and :func:`total_renegotiations` grows.
 
