@@ -1,9 +1,9 @@
 """
 Rotation under traffic against Go's ``crypto/tls``, Java's JSSE and Node's
 ``tls`` (drivers in ``tests/drivers/``, see :mod:`foreign`), in both roles,
-on TLS 1.3 (KeyUpdate) and TLS 1.2 (renegotiation).  OpenSSL's and GnuTLS's
-command-line tools are tested the same way in ``test_connection_peers.py``
-and ``test_protocol_peers.py``.
+on TLS 1.3 (KeyUpdate) and TLS 1.2 (renegotiation), and OpenSSL's and
+GnuTLS's command-line clients under traffic (their other uses are in
+``test_connection_peers.py`` and ``test_protocol_peers.py``).
 
 What proves a rotation here, on the other side:
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from foreign import ForeignPeer
-from peers import CertFiles
+from peers import CertFiles, GnuTLSClient, OpenSSLClient
 from test_plugins import client_stats, rekey_echo, run_echo_client
 
 # Rotations every second while data flows, for ~3 s per client.
@@ -166,6 +166,36 @@ def test_clients_of_our_server(tmp_path: Path, version: str) -> None:
             for client in clients.values():
                 assert client.renegotiations() == 0
             assert all(s["keyUpdatesSent"] >= 1 for s in stats), server.log
+
+
+@pytest.mark.parametrize("stack", ["gnutls-cli", "s_client"])
+def test_cli_clients_under_traffic(tmp_path: Path, stack: str) -> None:
+    # OpenSSL and GnuTLS clients hold their writes during their handshake:
+    # the policy may renegotiate under their traffic without waiting.
+    with rekey_echo(
+        tmp_path, "--tls-max", "1.2", "--renegotiation-quiet", "0", *FAST
+    ) as server:
+        certs = _trusting(tmp_path)
+        client: GnuTLSClient | OpenSSLClient
+        if stack == "gnutls-cli":
+            client = GnuTLSClient(certs, server.port, version="1.2")
+            seen = r"Rehandshake was performed"
+        else:
+            client = OpenSSLClient(certs, server.port, version="1.2")
+            seen = r"<<< TLS 1\.2, Handshake \[length 0004\], HelloRequest"
+        with client:
+            lines = [f"line {i} " + "x" * 2000 for i in range(120)]
+            for line in lines:
+                client.send_line(line)
+                time.sleep(0.02)
+            client.expect("^line 119 ")
+            echoed = re.findall(r"^line \d+ x+$", client.output, re.M)
+            assert echoed == lines
+            assert client.count(seen) >= 1, client.output[-2000:]
+        _wait_closed(server, 1, server.port)
+        [stats] = _connection_stats(server.log)
+        # The client may have seen one more start, as it was stopped.
+        assert 1 <= stats["renegotiations"] <= client.count(seen)
 
 
 # The example client rotates every other chunk: a KeyUpdate asking the
