@@ -91,6 +91,8 @@ class EchoProtocol(RekeyProtocolMixin, Protocol):
         self.peerName = describePeer(transport.getPeer())
         # Its own producer: when the client does not read and our send
         # buffer fills, stop reading from it, rather than buffer its echo.
+        # (Echo writes kept back during a renegotiation do not pause it: the
+        # mixin keeps the socket read until the handshake ends.)
         transport.registerProducer(transport, True)
 
     def handshakeCompleted(self) -> None:
