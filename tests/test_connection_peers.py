@@ -15,8 +15,10 @@ import pytest
 from memorypair import blocking, connected, read_until, watch
 from OpenSSL import SSL
 from peers import (
+    OPENSSL_HELLO_REQUEST_RECEIVED,
     OPENSSL_KEY_UPDATE_RECEIVED,
     CertFiles,
+    GnuTLSClient,
     GnuTLSServer,
     OpenSSLClient,
     OpenSSLServer,
@@ -133,7 +135,14 @@ def test_s_server_renegotiation_reaches_us(cert_files: CertFiles) -> None:
 class _Server:
     """A blocking RekeyConnection server that echoes lines, in a thread."""
 
-    def __init__(self, certs: CertFiles, version: int, *, allow_reneg: bool) -> None:
+    def __init__(
+        self,
+        certs: CertFiles,
+        version: int,
+        *,
+        allow_reneg: bool,
+        renegotiate_on: bytes | None = None,
+    ) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(TIMEOUT)
         self.port = self.listener.getsockname()[1]
@@ -147,6 +156,8 @@ class _Server:
 
             allow_client_renegotiation(ctx)
         self.ctx = ctx
+        # A line that makes it start a full renegotiation before its echo.
+        self.renegotiate_on = renegotiate_on
         self.ready = threading.Event()
         self.conn: RekeyConnection | None = None
         self.states: list[str] = []
@@ -172,6 +183,10 @@ class _Server:
                 if conn.get_key_update_type() is KeyUpdateType.NOT_REQUESTED:
                     conn.key_update(False)  # answer at once, before echoing
                 conn.sendall(data)
+                if self.renegotiate_on is not None and self.renegotiate_on in data:
+                    # After the echo: GnuTLS and Go clients take data that
+                    # follows a HelloRequest for a protocol error.
+                    conn.renegotiate()
         except BaseException as e:
             self.error = e
         finally:
@@ -242,6 +257,47 @@ def test_s_client_renegotiation_reaches_our_server(cert_files: CertFiles) -> Non
 
 
 # -- GnuTLS ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", ["gnutls-cli", "s_client"])
+def test_full_renegotiation_from_our_server(cert_files: CertFiles, stack: str) -> None:
+    # pyOpenSSL's default server Context caches sessions and issues tickets:
+    # the client offers its session again, and a full renegotiation must
+    # neither resume it nor leave out the ticket a GnuTLS client waits for.
+    server = _Server(
+        cert_files,
+        SSL.TLS1_2_VERSION,
+        allow_reneg=False,
+        renegotiate_on=b"please rotate",
+    )
+    client: GnuTLSClient | OpenSSLClient
+    if stack == "gnutls-cli":
+        client = GnuTLSClient(cert_files, server.port, version="1.2")
+    else:
+        client = OpenSSLClient(cert_files, server.port, version="1.2")
+    with client:
+        assert server.ready.wait(TIMEOUT)
+        for round_ in range(2):
+            client.send_line(f"please rotate {round_}")
+            client.expect(f"^please rotate {round_}")
+            if isinstance(client, GnuTLSClient):
+                client.expect(r"\*\*\* Rehandshake was performed")
+            else:
+                client.expect(OPENSSL_HELLO_REQUEST_RECEIVED)
+            client.send_line(f"after {round_}")
+            client.expect(f"^after {round_}")
+        # A new key exchange each time, as the client saw too.
+        if isinstance(client, GnuTLSClient):
+            assert client.count(r"CLIENT KEY EXCHANGE was queued") == 3
+            assert "unexpected TLS packet" not in client.output
+        else:
+            assert (
+                client.count(r">>> TLS 1\.2, Handshake \[length \w+\], ClientKey") == 3
+            )
+    server.join()
+    assert server.error is None
+    assert server.count("read client key exchange") == 3
+    assert server.conn is not None and server.conn.total_renegotiations() == 2
 
 
 @pytest.mark.parametrize("request_peer", [False, True])

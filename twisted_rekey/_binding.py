@@ -82,6 +82,8 @@ SIGNATURES = {
     "SSL_set_info_callback": "void (*)(SSL *, void (*)(const SSL *, int, int))",
     # The role of a connection whose handshake was not watched (startTLS).
     "SSL_is_server": "int (*)(const SSL *)",
+    # A full renegotiation that no offered session can resume (_connection).
+    "SSL_set_session_id_context": "int (*)(SSL *, const unsigned char *, unsigned int)",
 }
 
 # Functions cffi wraps in every release we support; their wrappers' addresses

@@ -14,6 +14,7 @@ queue empty.  This module must never import Twisted.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from typing import Any, Callable, Union
 
@@ -344,11 +345,10 @@ def _renegotiate(conn: SSL.Connection, name: str) -> None:
             f"{name}: the peer does not support secure renegotiation (RFC 5746)"
         )
     # Whether a renegotiation resumes the session is the server's choice,
-    # made when the ClientHello arrives: say on this connection which kind
-    # was asked for (the option is ignored on a client).
-    # (lib.SSL_set_options: pyOpenSSL < 25 has no Connection.set_options.)
-    if name == "SSL_renegotiate":
-        lib.SSL_set_options(ssl, OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
+    # made when the ClientHello arrives (a client asking for a full one
+    # offers no session: SSL_renegotiate does that).
+    if name == "SSL_renegotiate" and _is_server(conn) is not False:
+        _refuse_resumption(ssl)
     elif lib.SSL_get_options(ssl) & OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION:
         _need("SSL_clear_options")(ssl, OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
     lib.ERR_clear_error()
@@ -357,14 +357,45 @@ def _renegotiate(conn: SSL.Connection, name: str) -> None:
     _flush_handshake(conn)
 
 
+def _refuse_resumption(ssl: Any) -> None:
+    # OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION makes OpenSSL skip the
+    # session lookup altogether, and with it the session ticket a client
+    # asked for (its empty session_ticket extension): the ServerHello acks
+    # none and no NewSessionTicket comes.  GnuTLS 3.7 clients that got a
+    # ticket in the first handshake wait for one anyway and fail
+    # ("unexpected TLS packet" in _gnutls_recv_new_session_ticket).  A
+    # session ID context of this connection's own makes whatever session
+    # the client offers (by ID or ticket) one OpenSSL does not resume, "like
+    # a cache miss": a full handshake, with a new ticket if asked for.
+    try:
+        set_context = _need("SSL_set_session_id_context")
+    except FunctionUnavailable:
+        # Full key exchange still, without the ticket a GnuTLS client needs.
+        lib.SSL_set_options(ssl, OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
+        return
+    context = os.urandom(32)
+    if set_context(ssl, context, len(context)) != 1:
+        lib.ERR_clear_error()
+        lib.SSL_set_options(ssl, OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION)
+
+
 def renegotiate(conn: SSL.Connection) -> None:
     """
     Start a full TLS 1.2 (or older) renegotiation: new keys from a new key
     exchange (``SSL_renegotiate`` then ``SSL_do_handshake``).
 
-    A client sends its ClientHello at once; a server sends a HelloRequest
-    and sets ``OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION`` on this connection
-    so that the client's session is not resumed.  The handshake completes
+    A client sends its ClientHello at once, offering no session.  A server
+    sends a HelloRequest and gives this connection a session ID context of
+    its own (random), so that no session the client offers, by ID or by
+    ticket, is resumed; it still issues a session ticket when the client
+    asks for one, which GnuTLS clients need (see :doc:`/security`).  Where
+    that function cannot be reached it sets
+    ``OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION`` instead.  Sessions made by
+    the renegotiation carry that context: a later connection cannot resume
+    them.  A server should write nothing more until
+    :func:`renegotiate_pending` turns false: Go and GnuTLS clients take data
+    arriving in their handshake for a protocol error (the Twisted layer holds
+    such writes itself).  The handshake completes
     as the application goes on reading: :func:`renegotiate_pending` turns
     false and :func:`total_renegotiations` grows.
 

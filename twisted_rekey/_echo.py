@@ -37,6 +37,7 @@ from ._tap import (
     describePolicy,
     installOneLineErrors,
     parseEndpoint,
+    parseSeconds,
 )
 
 __all__ = ["DEFAULT_ENDPOINT", "EchoFactory", "EchoProtocol", "Options", "makeService"]
@@ -90,6 +91,8 @@ class EchoProtocol(RekeyProtocolMixin, Protocol):
         self.peerName = describePeer(transport.getPeer())
         # Its own producer: when the client does not read and our send
         # buffer fills, stop reading from it, rather than buffer its echo.
+        # (Echo writes kept back during a renegotiation do not pause it: the
+        # mixin keeps the socket read until the handshake ends.)
         transport.registerProducer(transport, True)
 
     def handshakeCompleted(self) -> None:
@@ -120,22 +123,31 @@ class EchoFactory(Factory):
 
     :param allowClientRenegotiation: accept renegotiations the client starts
         (TLS 1.2; rate-limited by the mixin).
+    :param renegotiationQuietPeriod: see
+        :attr:`~twisted_rekey.RekeyProtocolMixin.renegotiationQuietPeriod`.
     """
 
     protocol = EchoProtocol
     noisy = False
 
     def __init__(
-        self, policy: Optional[RotationPolicy], allowClientRenegotiation: bool = False
+        self,
+        policy: Optional[RotationPolicy],
+        allowClientRenegotiation: bool = False,
+        renegotiationQuietPeriod: Optional[float] = (
+            RekeyProtocolMixin.renegotiationQuietPeriod
+        ),
     ) -> None:
         self.policy = policy
         self.allowClientRenegotiation = allowClientRenegotiation
+        self.renegotiationQuietPeriod = renegotiationQuietPeriod
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
         protocol = super().buildProtocol(addr)
         assert isinstance(protocol, EchoProtocol)
         protocol.rotationPolicy = self.policy
         protocol.allowClientRenegotiation = self.allowClientRenegotiation
+        protocol.renegotiationQuietPeriod = self.renegotiationQuietPeriod
         return protocol
 
 
@@ -161,6 +173,14 @@ class Options(
             "ssl:8443:interface=\\:\\:1, or ssl:0:interface=127.0.0.1 for "
             "any free port, logged at start-up).",
         ],
+        [
+            "renegotiation-quiet",
+            None,
+            "0.25",
+            "TLS 1.2: renegotiate only once the client has sent nothing for "
+            "this many seconds (0: at once; Java clients that write during "
+            "a renegotiation fail then).",
+        ],
     ]
     optFlags: list[Any] = [
         [
@@ -179,6 +199,12 @@ class Options(
                 "give an ssl: endpoint string"
             )
         self["endpointSpec"] = spec
+        quiet = self["renegotiation-quiet"]
+        self["quiet"] = (
+            None
+            if quiet.strip() in ("0", "0.0")
+            else parseSeconds("--renegotiation-quiet", quiet)
+        )
         self["policy"] = self.makePolicy()
         self["versions"] = self.tlsVersions()
         self["certificate"] = self.loadCertificate(spec.tlsArguments)
@@ -194,7 +220,9 @@ def makeService(options: Options) -> service.IService:
     certificate.logStartup(COMMAND)
     policy: Optional[RotationPolicy] = options["policy"]
     _log.info("{command}: {policy}", command=COMMAND, policy=describePolicy(policy))
-    echo = EchoFactory(policy, bool(options["allow-client-renegotiation"]))
+    echo = EchoFactory(
+        policy, bool(options["allow-client-renegotiation"]), options["quiet"]
+    )
     # Any: Twisted's interfaces are not types to mypy without zope's plugin.
     tls: Any = certificate.options(options["versions"])
     options.limitMaximum(tls.getContext())

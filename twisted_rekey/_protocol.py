@@ -68,6 +68,10 @@ __all__ = ["RekeyProtocolMixin", "RekeyStats"]
 
 _LEVELS = frozenset(LogLevel.iterconstants())
 
+#: How long a renegotiation of ours may run, when its caller gave no
+#: timeout, before the connection is closed as stuck (seconds).
+RENEGOTIATION_DEADLINE = 30.0
+
 
 #: OpenSSL before 3.0 accepts client-initiated renegotiation by default.
 _OPENSSL_BEFORE_3 = lib.OpenSSL_version_num() < 0x30000000
@@ -225,6 +229,13 @@ class _Watcher:
         self.renegWaiters: list[_Waiter] = []
         self.renegInProgress = False
         self.renegOurs = False
+        # A server's own writes wait from its HelloRequest until the client's
+        # ClientHello: see holdWrite().
+        self.holding = False
+        # Closes the connection if a renegotiation of ours never completes.
+        self.renegDeadline: Any = None
+        # A policy renegotiation waiting for the client to be quiet.
+        self.quietTimer: Any = None
 
         # Filled by the info callback (inside SSL_read/SSL_do_handshake),
         # acted on by _process() once the TLS protocol's read has returned.
@@ -402,6 +413,9 @@ class _Watcher:
 
     def dataReceived(self, data: bytes) -> None:
         self.tlsDataReceived(data)
+        if self.renegDeadline is not None and not renegotiate_pending(self.conn):
+            self.renegDeadline.cancel()
+            self.renegDeadline = None
         if self.dirty:
             self.process()
 
@@ -417,6 +431,8 @@ class _Watcher:
         return appData
 
     def write(self, data: bytes) -> None:
+        if self.holding and self.holdWrite(data):
+            return
         # Counted up front: bufferedWrite() takes back what OpenSSL could
         # not take yet, which is counted when it comes through here again.
         before = self.bytesSent
@@ -429,7 +445,64 @@ class _Watcher:
         # Only TLSMemoryBIOProtocol._write re-buffers, with bytes that went
         # through write() above.
         self.bytesSent -= len(data)
-        self.tlsBufferedWrite(data)
+        if not self.initialDone:
+            self.tlsBufferedWrite(data)
+            return
+        # A renegotiation is running (OpenSSL takes no data until it ends).
+        # Twisted would pause the application's producer here; when that
+        # producer is the TLS transport itself (an echo), the socket is no
+        # longer read, the handshake cannot complete and nothing resumes
+        # it.  Keep reading: the bytes wait in Twisted's buffer, which it
+        # empties after the read that completes the handshake, and the
+        # renegotiation's deadline bounds how long that takes.
+        self.tls._appSendBuffer.append(data)
+
+    def holdWrite(self, data: bytes) -> bool:
+        """
+        Keep *data* back while our HelloRequest waits for its ClientHello.
+
+        Between the two, OpenSSL would send it, and a client that is then
+        in its handshake may take application data for a protocol error (Go's
+        crypto/tls does: unexpected_message).  Once the ClientHello is read,
+        OpenSSL itself takes no data until the handshake ends.  Held bytes go
+        to Twisted's buffer, so they keep their order and come back here after
+        the next read; a refusal, the end of the renegotiation or its deadline
+        lets them go.
+
+        :returns: whether *data* was held.
+        """
+        conn = self.conn
+        if (
+            self.lost
+            or self.refused
+            or not renegotiate_pending(conn)
+            or not handshake_complete(conn)
+        ):
+            self.holding = False
+            return False
+        self.tls._appSendBuffer.append(data)
+        return True
+
+    def renegotiationExpired(self, timeout: float) -> None:
+        self.renegDeadline = None
+        if self.lost or not renegotiate_pending(self.conn):
+            return
+        if handshake_complete(self.conn):
+            # The client never answered our HelloRequest (RFC 5246 lets it
+            # ignore one): the connection itself is fine.  Our writes go out.
+            self.holding = False
+            if self.tls._appSendBuffer:
+                self.tls._unbufferPendingWrites()
+            return
+        _log.error(
+            "the renegotiation did not complete within {timeout} s; "
+            "closing the connection",
+            rekey_event="renegotiation_stuck",
+            timeout=timeout,
+        )
+        self.drop(
+            RekeyTimeout(f"the renegotiation did not complete within {timeout} s")
+        )
 
     def connectionLost(self, reason: Failure) -> None:
         try:
@@ -443,6 +516,10 @@ class _Watcher:
         self.lost = True
         if self.rotation is not None:
             self.rotation.stop()
+        if self.renegDeadline is not None:
+            self.renegDeadline.cancel()
+            self.renegDeadline = None
+        self.cancelQuietWait()
         if self.dirty:
             self.processEvents(answer=False)
         if self.refused:
@@ -719,10 +796,69 @@ class _Watcher:
         No Deferred made and fired for it: this runs N/interval times a
         second.
         """
-        if requestPeer or lib.SSL_version(self.conn._ssl) != _TLS1_3_VERSION:
+        if lib.SSL_version(self.conn._ssl) != _TLS1_3_VERSION:
+            quiet = self.owner.renegotiationQuietPeriod
+            if quiet and self.isClient is False:
+                return self.renegotiateWhenQuiet(quiet, timeout, reason)
+            return self.rekeyNow(requestPeer, timeout, reason)
+        if requestPeer:
             return self.rekeyNow(requestPeer, timeout, reason)
         self.sendKeyUpdate(False, reason)
         return None
+
+    def renegotiateWhenQuiet(
+        self, quiet: float, timeout: float | None, reason: str
+    ) -> Deferred[None]:
+        """
+        :meth:`renegotiate`, once the client has sent nothing for *quiet*
+        seconds.  A client whose application keeps writing while our
+        renegotiation runs can put its data between our ServerHello and its
+        Finished, which OpenSSL rejects ("unexpected record"), and Java's
+        JSSE does; OpenSSL, GnuTLS, Go and Node clients hold their writes
+        themselves.  Fails with :class:`RekeyTimeout` if the client is never
+        quiet that long within *timeout*; the renegotiation then has
+        *timeout* of its own.
+        """
+        deadline = RENEGOTIATION_DEADLINE if timeout is None else timeout
+        start = self.clock.seconds()
+        result: Deferred[None] = Deferred(lambda _: self.cancelQuietWait())
+        # Polled a few times per period (the data path keeps no clock), so
+        # that the renegotiation starts soon after the quiet period, not as
+        # late as the client's next burst.
+        step = quiet / 4
+        mark = self.bytesReceived
+        lastData = start
+
+        def check() -> None:
+            nonlocal mark, lastData
+            self.quietTimer = None
+            now = self.clock.seconds()
+            if self.bytesReceived != mark:
+                mark = self.bytesReceived
+                lastData = now
+            if self.closing():
+                result.errback(
+                    ConnectionStateError("the connection closed before it was quiet")
+                )
+            elif now - lastData >= quiet:
+                self.renegotiate(False, timeout, reason).chainDeferred(result)
+            elif now - start + quiet > deadline:
+                result.errback(
+                    RekeyTimeout(
+                        f"the peer was never quiet for {quiet} s within "
+                        f"{deadline} s: not renegotiating under its traffic"
+                    )
+                )
+            else:
+                self.quietTimer = self.clock.callLater(step, check)
+
+        self.quietTimer = self.clock.callLater(step, check)
+        return result
+
+    def cancelQuietWait(self) -> None:
+        if self.quietTimer is not None and self.quietTimer.active():
+            self.quietTimer.cancel()
+        self.quietTimer = None
 
     def renegotiate(
         self, abbreviated: bool, timeout: float | None, reason: str
@@ -742,10 +878,20 @@ class _Watcher:
                 else:
                     renegotiate(self.conn)
                 self.renegInProgress = True
+                # From the HelloRequest on (a client is in its handshake at
+                # once, where OpenSSL holds its writes itself).
+                self.holding = self.isClient is False
                 self.flush()
             except Exception:
                 self.renegOurs = False
+                self.holding = False
                 return fail()
+            if self.renegDeadline is not None:
+                self.renegDeadline.cancel()
+            deadline = RENEGOTIATION_DEADLINE if timeout is None else timeout
+            self.renegDeadline = self.clock.callLater(
+                deadline, self.renegotiationExpired, deadline
+            )
             _log.info(
                 "started a renegotiation (abbreviated={abbreviated}, reason: {reason})",
                 rekey_event="renegotiation_started",
@@ -891,6 +1037,14 @@ class RekeyProtocolMixin:
         server side, or set this where the server is known to allow it.
         (It does not restrict :meth:`renegotiate` called by the
         application.)
+    :ivar renegotiationQuietPeriod: the *policy* of a TLS 1.2 server starts a
+        renegotiation only once the client has sent nothing for this many
+        seconds (``None`` or 0: at once).  0.25 by default: Java's JSSE
+        keeps sending application data while it renegotiates, which
+        OpenSSL takes for a protocol error once its ServerHello is out
+        (see :doc:`/security`).  A client that is never quiet that long
+        within the renegotiation's timeout is not rotated any more.
+        (It does not delay :meth:`renegotiate` called by the application.)
 
     .. versionadded:: 0.1.0
     """
@@ -903,6 +1057,7 @@ class RekeyProtocolMixin:
     rotationPolicy: RotationPolicy | None = None
     rotationGranularity: float | None = None
     renegotiateAsClient: bool = False
+    renegotiationQuietPeriod: float | None = 0.25
 
     _rekeyWatcher: _Watcher | None = None
     transport: ITransport | None
