@@ -141,6 +141,31 @@ def tls_client(
             yield s
 
 
+@contextmanager
+def tls_tunnel(
+    tmp_path: Path,
+    backend: int,
+    cert: Path,
+    key: Path,
+    *args: str,
+) -> Iterator[Any]:
+    """``rekey-tunnel`` with TLS (*cert*, *key*) in front of *backend*."""
+    with twistd(
+        tmp_path,
+        "rekey-tunnel",
+        "--listen",
+        "ssl:0:interface=127.0.0.1",
+        "--connect",
+        f"tcp:127.0.0.1:{backend}",
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        *args,
+    ) as tunnel:
+        yield tunnel
+
+
 def recv_exactly(s: socket.socket, size: int) -> bytes:
     got = bytearray()
     while len(got) < size:
@@ -476,17 +501,11 @@ def test_mutual_tls_with_allow_lists(tmp_path: Path, pki: dict[str, Path]) -> No
     data = os.urandom(200_000)
     with (
         plain_echo_server() as backend,
-        twistd(
+        tls_tunnel(
             tmp_path,
-            "rekey-tunnel",
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--connect",
-            f"tcp:127.0.0.1:{backend}",
-            "--cert",
-            str(pki["server"]),
-            "--key",
-            str(pki["server-key"]),
+            backend,
+            pki["server"],
+            pki["server-key"],
             "--client-ca",
             str(pki["ca"]),
             "--allow-dns",
@@ -567,17 +586,11 @@ def test_sighup_reloads_certificates_under_open_connections(
     key.write_bytes(pki["server-key"].read_bytes())
     with (
         plain_echo_server() as backend,
-        twistd(
+        tls_tunnel(
             tmp_path,
-            "rekey-tunnel",
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--connect",
-            f"tcp:127.0.0.1:{backend}",
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
+            backend,
+            cert,
+            key,
             "--client-ca",
             str(pki["ca"]),
             "--interval",
@@ -651,17 +664,11 @@ def test_tunnel_metrics_scraped_and_parsed(
     data = os.urandom(300_000)
     with (
         plain_echo_server() as backend,
-        twistd(
+        tls_tunnel(
             tmp_path,
-            "rekey-tunnel",
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--connect",
-            f"tcp:127.0.0.1:{backend}",
-            "--cert",
-            str(pki["server"]),
-            "--key",
-            str(pki["server-key"]),
+            backend,
+            pki["server"],
+            pki["server-key"],
             "--client-ca",
             str(pki["ca"]),
             "--allow-cn",
@@ -758,3 +765,48 @@ def test_log_events_counted_for_any_protocol() -> None:
         value(families, "twisted_rekey_rotation_failures_total", kind="rotation_failed")
         == 2
     )
+
+
+def test_watch_files_reloads_on_change(tmp_path: Path) -> None:
+    """--watch-files: a change of a watched file (or its disappearance and
+    return) calls the reload, once per change; no change, no reload."""
+    from twisted.internet import task
+
+    from twisted_rekey._tunnel import WatchFiles
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("one")
+    key.write_text("one")
+    calls: list[int] = []
+    clock = task.Clock()
+    watch = WatchFiles(
+        lambda: calls.append(1), lambda: [str(cert), str(key)], 5.0, clock
+    )
+    watch.startService()
+    try:
+        clock.advance(5)
+        assert calls == []
+        key.write_text("two, longer")
+        clock.advance(5)
+        assert calls == [1]
+        clock.advance(5)
+        assert calls == [1]
+        cert.unlink()
+        clock.advance(5)
+        cert.write_text("three")
+        clock.advance(5)
+        assert calls == [1, 1, 1]
+    finally:
+        watch.stopService()
+    assert not clock.getDelayedCalls()
+
+
+def test_echo_takes_tls_endpoint_strings(tmp_path: Path) -> None:
+    from twisted_rekey._echo import Options
+
+    options = Options()
+    options.check(
+        ["--state-dir", str(tmp_path), "--endpoint", "tls:0:interface=\\:\\:1"]
+    )
+    assert options["endpointSpec"].tls
+    assert options["endpointSpec"].plain == "tcp:0:interface=\\:\\:1"

@@ -99,7 +99,7 @@ class RekeyMetrics:
     :param buckets: upper bounds of the "seconds since the last rotation"
         buckets (a gauge histogram over the open connections).
 
-    .. versionadded:: 0.1.0
+    .. versionadded:: 0.2.0
     """
 
     def __init__(

@@ -26,6 +26,7 @@ it still has to send is sent.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any, Callable, Optional, cast
 
@@ -69,6 +70,7 @@ from ._tap import (
     installOneLineErrors,
     loadCertificateAuthorities,
     parseEndpoint,
+    parseSeconds,
     requireClientCertificates,
 )
 
@@ -79,6 +81,7 @@ __all__ = [
     "Options",
     "RelayFactory",
     "RelaySide",
+    "WatchFiles",
     "makeService",
 ]
 
@@ -648,6 +651,66 @@ class CertificateReloader:
         )
 
 
+class WatchFiles(service.Service):
+    """
+    Calls *reload* when one of the files *paths* names changes (its
+    modification time, size or inode), checked every *interval* seconds.
+    """
+
+    def __init__(
+        self,
+        reload: Callable[[], object],
+        paths: Callable[[], list[str]],
+        interval: float,
+        clock: Any = None,
+    ) -> None:
+        self.reload = reload
+        self.paths = paths
+        self.interval = interval
+        self.clock = clock
+        self.loop: Any = None
+        self.seen: dict[str, Optional[tuple[int, int, int]]] = {}
+
+    def state(self) -> dict[str, Optional[tuple[int, int, int]]]:
+        found: dict[str, Optional[tuple[int, int, int]]] = {}
+        for path in self.paths():
+            try:
+                st = os.stat(path)
+            except OSError:
+                found[path] = None
+            else:
+                found[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return found
+
+    def check(self) -> None:
+        now = self.state()
+        if now != self.seen:
+            changed = sorted(p for p in now if now[p] != self.seen.get(p))
+            self.seen = now
+            _log.info(
+                "{command}: {files} changed; reloading",
+                command=COMMAND,
+                files=", ".join(changed),
+            )
+            self.reload()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        from twisted.internet.task import LoopingCall
+
+        self.seen = self.state()
+        self.loop = LoopingCall(self.check)
+        if self.clock is not None:
+            self.loop.clock = self.clock
+        self.loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self.loop is not None and self.loop.running:
+            self.loop.stop()
+        self.loop = None
+
+
 class ReloadOnSignal(service.Service):
     """Calls *reload* on SIGHUP, from the reactor, while the service runs."""
 
@@ -734,6 +797,13 @@ class Options(
             "TLS server side: require a client certificate issued by a CA in "
             "this PEM file (mutual TLS).",
         ],
+        [
+            "watch-files",
+            None,
+            None,
+            "Also reload (as on SIGHUP) when a certificate, key or CA file "
+            "changes, checked every this many seconds.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -796,6 +866,22 @@ class Options(
                         f"--{option} is for an ssl: or tls: --connect"
                     )
         self.checkMetrics()
+        self["watchInterval"] = None
+        if self["watch-files"] is not None:
+            self["watchInterval"] = parseSeconds("--watch-files", self["watch-files"])
+
+    def watchedFiles(self) -> list[str]:
+        """The files a reload reads."""
+        found = [str(c.certPath) for c in [self["certificate"]] if c is not None]
+        found += [str(c.keyPath) for c in [self["certificate"]] if c is not None]
+        connect: EndpointSpec = self["connectSpec"]
+        for option in ("client-ca", "cafile", "client-cert", "client-key"):
+            if self[option]:
+                found.append(self[option])
+        for key in ("certKey", "certificate", "privateKey"):
+            if key in connect.tlsArguments:
+                found.append(connect.tlsArguments[key])
+        return sorted(set(found))
 
     def clientAuthorities(self) -> Optional[list[Any]]:
         """The CA certificates of ``--client-ca``, read now."""
@@ -929,6 +1015,11 @@ def makeService(options: Options) -> service.IService:
     reloader = CertificateReloader(options, relay, serverTLS, makeConnector)
     reloading: Any = ReloadOnSignal(reloader.reload, signal.SIGHUP)
     reloading.setServiceParent(top)
+    if options["watchInterval"] is not None:
+        watching: Any = WatchFiles(
+            reloader.reload, options.watchedFiles, options["watchInterval"]
+        )
+        watching.setServiceParent(top)
     if metrics is not None:
         serving: Any = metricsService(COMMAND, options["metricsSpec"], metrics)
         serving.setServiceParent(top)
