@@ -810,3 +810,52 @@ def test_echo_takes_tls_endpoint_strings(tmp_path: Path) -> None:
     )
     assert options["endpointSpec"].tls
     assert options["endpointSpec"].plain == "tcp:0:interface=\\:\\:1"
+
+
+def test_reload_of_the_connect_side(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """
+    A reload reads the --connect side's CA and client certificate again: new
+    outbound connections get a new connector; a client certificate that no
+    longer loads is refused and the connector in force stays.
+    """
+    from twisted.logger import globalLogPublisher
+
+    from twisted_rekey._tunnel import CertificateReloader, RelayFactory
+
+    cert = tmp_path / "client.pem"
+    cert.write_bytes(pki["alice"].read_bytes())
+    options = check(
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--connect",
+        "tls:localhost:1",
+        "--cafile",
+        str(pki["ca"]),
+        "--client-cert",
+        str(cert),
+        "--client-key",
+        str(pki["alice-key"]),
+    )
+    relay = RelayFactory(object(), "tls:localhost:1", False, True, None)
+    made: list[Any] = []
+
+    def makeConnector(clientOptions: Any) -> Any:
+        made.append(clientOptions)
+        return ("connector", len(made))
+
+    events: list[dict[str, Any]] = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
+    try:
+        reloader = CertificateReloader(options, relay, None, makeConnector)
+        assert reloader.reload()
+        assert relay.connector == ("connector", 1)
+        cert.write_bytes(pki["bob"].read_bytes())  # no longer matches the key
+        assert not reloader.reload()
+        assert relay.connector == ("connector", 1)
+    finally:
+        globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]
+    outcomes = [e["rekey_event"] for e in events if "rekey_event" in e]
+    assert outcomes == ["certificate_reloaded", "certificate_reload_refused"]
+    (refused,) = [e for e in events if e.get("rekey_event", "").endswith("refused")]
+    assert "--client-key" in refused["error"] and "does not match" in refused["error"]
