@@ -631,6 +631,38 @@ def test_sighup_reloads_certificates_under_open_connections(
         assert tunnel.count("certificates reloaded") == 1
 
 
+def test_sighup_renegotiates_open_tls12_connections(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """On TLS 1.2 the rotation after a reload is a renegotiation, which the
+    open ``openssl s_client`` connection takes (a HelloRequest), and data
+    flows after it."""
+    with (
+        plain_echo_server() as backend,
+        tls_tunnel(
+            tmp_path,
+            backend,
+            pki["server"],
+            pki["server-key"],
+            "--tls-max",
+            "1.2",
+            "--interval",
+            "off",
+        ) as tunnel,
+    ):
+        with OpenSSLClient(
+            cert_files(pki, "alice"), tunnel.port, version="1.2", servername="localhost"
+        ) as client:
+            client.send_line("before the reload")
+            client.expect(r"^before the reload", timeout=WAIT)
+            os.kill(tunnel.process.pid, signal.SIGHUP)
+            client.expect_hello_request(timeout=WAIT)
+            tunnel.wait_for(r"keys rotated after the certificate reload")
+            tunnel.wait_for(r"renegotiation completed \(TLSv1\.2\)")
+            client.send_line("after the reload")
+            client.expect(r"^after the reload", timeout=WAIT)
+
+
 # -- metrics ---------------------------------------------------------------------
 
 
