@@ -766,6 +766,7 @@ def test_echo_metrics(tmp_path: Path) -> None:
         families = scrape(metrics)
         assert value(families, "twisted_rekey_connections_open", side="listen") == 0
         assert value(families, "twisted_rekey_bytes_received_total", side="listen") == 5
+        assert "GET /metrics" not in server.log  # scrapes are not logged
 
 
 def test_log_events_counted_for_any_protocol() -> None:

@@ -346,6 +346,12 @@ def metricsService(command: str, spec: Any, metrics: RekeyMetrics) -> service.IS
     makeSite: Any = Site
     site = makeSite(root)
     site.noisy = False
+
+    def noAccessLog(request: Any) -> None:
+        # Not a line in the twistd log for every scrape (every 15 s, say).
+        return None
+
+    site.log = noAccessLog
     parse: Any = endpoints.serverFromString
     listening: Any = ListeningService(
         command,
