@@ -892,3 +892,27 @@ def test_reload_of_the_connect_side(tmp_path: Path, pki: dict[str, Path]) -> Non
     assert outcomes == ["certificate_reloaded", "certificate_reload_refused"]
     (refused,) = [e for e in events if e.get("rekey_event", "").endswith("refused")]
     assert "--client-key" in refused["error"] and "does not match" in refused["error"]
+
+
+def test_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_twistd(
+            tmp_path,
+            "rekey-tunnel",
+            "--listen",
+            "ssl:0:interface=127.0.0.1",
+            "--connect",
+            "tcp:127.0.0.1:1",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics",
+            f"tcp:{port}:interface=127.0.0.1",
+        )
+    line = assert_one_line_error(done, "Address already in use")
+    assert line == (
+        f"twistd rekey-tunnel: error: cannot listen on "
+        f"tcp:{port}:interface=127.0.0.1: Address already in use"
+    )
