@@ -595,6 +595,8 @@ def test_sighup_reloads_certificates_under_open_connections(
             str(pki["ca"]),
             "--interval",
             "off",
+            "--min-interval",
+            "0.05",
         ) as tunnel,
     ):
         port = tunnel.port
@@ -608,6 +610,7 @@ def test_sighup_reloads_certificates_under_open_connections(
 
             cert.write_bytes(pki["server2"].read_bytes())
             key.write_bytes(pki["server2-key"].read_bytes())
+            time.sleep(0.2)  # keys older than --min-interval: rotated
             os.kill(tunnel.process.pid, signal.SIGHUP)
             tunnel.wait_for(r"certificates reloaded, new connections use them")
             client.expect_key_update(False, timeout=WAIT)
@@ -648,6 +651,8 @@ def test_sighup_renegotiates_open_tls12_connections(
             "1.2",
             "--interval",
             "off",
+            "--min-interval",
+            "0.05",
         ) as tunnel,
     ):
         with OpenSSLClient(
@@ -655,6 +660,7 @@ def test_sighup_renegotiates_open_tls12_connections(
         ) as client:
             client.send_line("before the reload")
             client.expect(r"^before the reload", timeout=WAIT)
+            time.sleep(0.2)  # keys older than --min-interval: rotated
             os.kill(tunnel.process.pid, signal.SIGHUP)
             client.expect_hello_request(timeout=WAIT)
             tunnel.wait_for(r"keys rotated after the certificate reload")
@@ -916,3 +922,41 @@ def test_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
         f"twistd rekey-tunnel: error: cannot listen on "
         f"tcp:{port}:interface=127.0.0.1: Address already in use"
     )
+
+
+def test_reload_does_not_rotate_keys_that_just_changed() -> None:
+    """Reloads in a row are no burst of KeyUpdates: a side whose keys
+    changed within the policy's min_interval is left alone."""
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import succeed
+
+    from twisted_rekey import RotationPolicy
+    from twisted_rekey._tunnel import CertificateReloader, RelayFactory
+
+    class Side:
+        def __init__(self, **attributes: Any) -> None:
+            self.__dict__.update(attributes)
+
+        def rekey(self) -> Any:
+            self.rekeyed += 1
+            return succeed(None)
+
+    relay = RelayFactory(None, "tcp:h:1", True, False, RotationPolicy(min_interval=1.0))
+    fresh, old = (
+        Side(
+            isTLS=True,
+            ready=True,
+            lost=False,
+            writeClosed=False,
+            role="listen",
+            name=name,
+            transport=SimpleNamespace(getHandle=lambda: object()),
+            rekeyStats=SimpleNamespace(secondsSinceRotation=age),
+            rekeyed=0,
+        )
+        for name, age in (("fresh", 0.2), ("old", 10.0))
+    )
+    relay.sides.update({fresh, old})  # type: ignore[arg-type]
+    CertificateReloader(None, relay, None, lambda c: c).rotateOpenConnections()  # type: ignore[arg-type]
+    assert (fresh.rekeyed, old.rekeyed) == (0, 1)

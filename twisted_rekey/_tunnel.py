@@ -55,6 +55,7 @@ from ._metrics import MetricsOptionsMixin, RekeyMetrics, metricsService
 from ._policy import RotationPolicy
 from ._protocol import RekeyProtocolMixin
 from ._tap import (
+    DEFAULT_MIN_INTERVAL,
     AllowList,
     CommandLineOptions,
     EndpointSpec,
@@ -603,9 +604,25 @@ class CertificateReloader:
         return True
 
     def rotateOpenConnections(self) -> None:
-        """Rotate the traffic keys of every open TLS side, after a reload."""
+        """
+        Rotate the traffic keys of every open TLS side, after a reload; but
+        not a side whose keys changed less than the policy's
+        ``min_interval`` ago (reloads in a row must not become a burst of
+        KeyUpdates: GnuTLS drops a peer at the 9th within a second).
+        """
+        policy = self.relay.policy
+        floor = policy.min_interval if policy is not None else DEFAULT_MIN_INTERVAL
         for side in list(self.relay.sides):
             if not (side.isTLS and side.ready) or side.lost or side.writeClosed:
+                continue
+            if side.rekeyStats.secondsSinceRotation < floor:
+                _log.info(
+                    "{command}: {peer}: not rotated after the reload (its keys "
+                    "changed less than {floor:g} s ago)",
+                    command=COMMAND,
+                    peer=side.name,
+                    floor=floor,
+                )
                 continue
             conn = side.transport.getHandle() if side.transport is not None else None
             if conn is None:
