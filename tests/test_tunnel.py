@@ -729,6 +729,16 @@ def test_tunnel_metrics_scraped_and_parsed(
                 families, "twisted_rekey_bytes_received_total", side="listen"
             ) == 3 * len(data)
             assert value(families, "twisted_rekey_seconds_since_rotation_gcount") == 1
+            # The one open connection: its keys changed within the last day.
+            for bound, count in (("86400.0", 1), ("+Inf", 1)):
+                assert (
+                    value(
+                        families,
+                        "twisted_rekey_seconds_since_rotation_bucket",
+                        le=bound,
+                    )
+                    == count
+                )
             assert families["twisted_rekey_seconds_since_rotation"].type in (
                 "histogram",
                 "gaugehistogram",

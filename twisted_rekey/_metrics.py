@@ -17,6 +17,7 @@ needs it (the ``metrics`` extra).
 from __future__ import annotations
 
 import weakref
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Optional, cast
@@ -195,9 +196,22 @@ class RekeyMetrics:
         )
 
         ns = self.namespace
-        open_: dict[str, list[Any]] = {}
+        # One pass over the open connections (a scrape runs on the reactor
+        # thread): the sums per side, and each one's seconds since rotation.
+        fields = [field for field, _, _ in _STATS]
+        open_: dict[str, int] = Counter()
+        sums: dict[str, list[int]] = {}
+        ages: dict[str, list[float]] = {}
         for protocol, side in list(self._open.items()):
-            open_.setdefault(side, []).append(protocol.rekeyStats)
+            stats = protocol.rekeyStats
+            open_[side] += 1
+            row = sums.get(side)
+            if row is None:
+                row = sums[side] = [0] * len(fields)
+            for i, field in enumerate(fields):
+                row[i] += getattr(stats, field)
+            if stats.lastRotation is not None:
+                ages.setdefault(side, []).append(stats.secondsSinceRotation)
         sides = sorted(set(open_) | set(self._closed) | set(self._connections))
 
         gauge = GaugeMetricFamily(
@@ -207,16 +221,17 @@ class RekeyMetrics:
             f"{ns}_connections", "Connections counted since start.", labels=["side"]
         )
         for side in sides:
-            gauge.add_metric([side], len(open_.get(side, [])))
+            gauge.add_metric([side], open_[side])
             total.add_metric([side], self._connections[side])
         yield gauge
         yield total
 
-        for field, name, doc in _STATS:
+        for i, (field, name, doc) in enumerate(_STATS):
             family = CounterMetricFamily(f"{ns}_{name}", doc, labels=["side"])
             for side in sides:
                 value = self._closed.get(side, Counter())[field]
-                value += sum(getattr(s, field) for s in open_.get(side, []))
+                if side in sums:
+                    value += sums[side][i]
                 family.add_metric([side], value)
             yield family
 
@@ -252,25 +267,21 @@ class RekeyMetrics:
         refused.add_metric([], self._events[("event", "client_certificate_refused")])
         yield refused
 
-        ages = GaugeHistogramMetricFamily(
+        histogram = GaugeHistogramMetricFamily(
             f"{ns}_seconds_since_rotation",
             "Open connections by the seconds since their keys last changed "
             "(either direction, or the handshake).",
             labels=["side"],
         )
         for side in sides:
-            seconds = [
-                s.secondsSinceRotation
-                for s in open_.get(side, [])
-                if s.lastRotation is not None
-            ]
+            seconds = sorted(ages.get(side, []))
             buckets = [
-                (_bound(bound), float(sum(1 for x in seconds if x <= bound)))
+                (_bound(bound), float(bisect_right(seconds, bound)))
                 for bound in self.buckets
             ]
             buckets.append(("+Inf", float(len(seconds))))
-            ages.add_metric([side], buckets, float(sum(seconds)))
-        yield ages
+            histogram.add_metric([side], buckets, float(sum(seconds)))
+        yield histogram
 
 
 def _bound(value: float) -> str:
