@@ -601,9 +601,15 @@ def test_sighup_reloads_certificates_under_open_connections(
     ):
         port = tunnel.port
         assert served_certificate(port, pki) == der(pki["server"])
-        with OpenSSLClient(
-            cert_files(pki, "alice"), port, servername="localhost", client_cert=True
-        ) as client:
+        before, after = os.urandom(500_000), os.urandom(500_000)
+        with (
+            tls_client(port, client_context(pki, "alice")) as python,
+            OpenSSLClient(
+                cert_files(pki, "alice"), port, servername="localhost", client_cert=True
+            ) as client,
+        ):
+            python.sendall(before)
+            assert recv_exactly(python, len(before)) == before
             client.send_line("before the reload")
             client.expect(r"^before the reload", timeout=WAIT)
             assert client.key_updates_received() == []
@@ -617,6 +623,9 @@ def test_sighup_reloads_certificates_under_open_connections(
             tunnel.wait_for(r"keys rotated after the certificate reload")
             client.send_line("after the reload")
             client.expect(r"^after the reload", timeout=WAIT)
+            python.sendall(after)  # every byte, on the same connection
+            assert recv_exactly(python, len(after)) == after
+            assert python.getpeercert(binary_form=True) == der(pki["server"])
             assert served_certificate(port, pki) == der(pki["server2"])
 
             # A broken file: refused, the new certificate stays in force.
@@ -632,6 +641,8 @@ def test_sighup_reloads_certificates_under_open_connections(
             assert len(client.key_updates_received()) == 1
         assert tunnel.process.poll() is None
         assert tunnel.count("certificates reloaded") == 1
+        # Both open connections rotated once, after the one good reload.
+        assert tunnel.count("keys rotated after the certificate reload") == 2
 
 
 def test_sighup_renegotiates_open_tls12_connections(

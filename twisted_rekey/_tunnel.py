@@ -828,18 +828,15 @@ class Options(
         self["allow-dns"], self["allow-uri"], self["allow-cn"] = [], [], []
 
     def opt_allow_dns(self, name: str) -> None:
-        """With --client-ca: accept a client certificate with this DNS name
-        (subject alternative name); may be repeated."""
+        """With --client-ca: allow clients with this DNS SAN (repeatable)."""
         self["allow-dns"].append(name)
 
     def opt_allow_uri(self, uri: str) -> None:
-        """With --client-ca: accept a client certificate with this URI
-        (subject alternative name, such as a SPIFFE ID); may be repeated."""
+        """With --client-ca: allow clients with this URI SAN (repeatable)."""
         self["allow-uri"].append(uri)
 
     def opt_allow_cn(self, name: str) -> None:
-        """With --client-ca: accept a client certificate with this subject
-        common name; may be repeated."""
+        """With --client-ca: allow clients with this subject CN (repeatable)."""
         self["allow-cn"].append(name)
 
     def postOptions(self) -> None:
