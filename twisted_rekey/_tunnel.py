@@ -1027,8 +1027,10 @@ def makeService(options: Options) -> service.IService:
     )
     listening.setServiceParent(top)
     reloader = CertificateReloader(options, relay, serverTLS, makeConnector)
-    reloading: Any = ReloadOnSignal(reloader.reload, signal.SIGHUP)
-    reloading.setServiceParent(top)
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None:  # not on Windows: --watch-files instead
+        reloading: Any = ReloadOnSignal(reloader.reload, hangup)
+        reloading.setServiceParent(top)
     if options["watchInterval"] is not None:
         watching: Any = WatchFiles(
             reloader.reload, options.watchedFiles, options["watchInterval"]
