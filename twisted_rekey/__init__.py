@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     # What the lazy names below are, for type checkers (not imported at run
     # time: they import Twisted).
     from ._interfaces import IRekeyable as IRekeyable
+    from ._metrics import RekeyMetrics as RekeyMetrics
     from ._protocol import RekeyProtocolMixin as RekeyProtocolMixin
     from ._protocol import RekeyStats as RekeyStats
     from ._rotation import RotatingFactory as RotatingFactory
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 
 _LAZY: dict[str, str] = {
     "IRekeyable": "._interfaces",
+    "RekeyMetrics": "._metrics",
     "RekeyProtocolMixin": "._protocol",
     "RekeyStats": "._protocol",
     "RotatingFactory": "._rotation",
@@ -119,6 +121,7 @@ __all__ = [
     "RekeyConnectionMixin",
     "RekeyError",
     "RekeyMethod",
+    "RekeyMetrics",
     "RekeyProtocolMixin",
     "RekeyStats",
     "RekeyTimeout",

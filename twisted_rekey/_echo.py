@@ -25,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from ._metrics import MetricsOptionsMixin, metricsService
 from ._policy import RotationPolicy
 from ._protocol import RekeyProtocolMixin
 from ._tap import (
@@ -152,7 +153,11 @@ class EchoFactory(Factory):
 
 
 class Options(
-    TLSVersionMixin, RotationOptionsMixin, ServerCertificateMixin, CommandLineOptions
+    MetricsOptionsMixin,
+    TLSVersionMixin,
+    RotationOptionsMixin,
+    ServerCertificateMixin,
+    CommandLineOptions,
 ):
     """The options of ``twistd rekey-echo``."""
 
@@ -196,7 +201,7 @@ class Options(
         if not spec.tls:
             raise usage.UsageError(
                 f"--endpoint {spec.description}: rekey-echo serves TLS: "
-                "give an ssl: endpoint string"
+                "give an ssl: endpoint string (or tls:)"
             )
         self["endpointSpec"] = spec
         quiet = self["renegotiation-quiet"]
@@ -208,6 +213,7 @@ class Options(
         self["policy"] = self.makePolicy()
         self["versions"] = self.tlsVersions()
         self["certificate"] = self.loadCertificate(spec.tlsArguments)
+        self.checkMetrics()
 
 
 def makeService(options: Options) -> service.IService:
@@ -232,4 +238,13 @@ def makeService(options: Options) -> service.IService:
     listening: Any = ListeningService(
         COMMAND, spec.description, endpoint, factory, "TLS echo"
     )
-    return cast(service.IService, listening)
+    metrics = options.makeMetrics()
+    if metrics is None:
+        return cast(service.IService, listening)
+    metrics.trackFactory(echo, "listen")
+    # Any: twisted.application is not typed.
+    top: Any = cast(Any, service).MultiService()
+    listening.setServiceParent(top)
+    serving: Any = metricsService(COMMAND, options["metricsSpec"], metrics)
+    serving.setServiceParent(top)
+    return cast(service.IService, top)

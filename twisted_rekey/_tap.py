@@ -23,32 +23,42 @@ from typing import Any, Callable, NoReturn, Optional, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from . import _binding
-from ._binding import ffi
+from ._binding import ffi, lib
 from ._certs import DefaultCertificate, ensure_default_certificate, fingerprint
 from ._policy import RotationPolicy
 
 __all__ = [
+    "AllowList",
     "CommandLineOptions",
     "EndpointSpec",
     "ListeningService",
+    "ReloadableServerTLS",
     "RotationOptionsMixin",
     "ServerCertificateMixin",
     "TLSVersionMixin",
+    "clientRefusal",
+    "loadCertificateAuthorities",
     "parseEndpoint",
+    "requireClientCertificates",
 ]
 
 _log = Logger()
+_string = ffi.string
 
 DEFAULT_INTERVAL = 5.0
 DEFAULT_MIN_INTERVAL = 1.0
@@ -68,9 +78,18 @@ _SERVER_TLS_REFUSED = {
 }
 _CLIENT_TLS_REFUSED = {
     "caCertsDir": "use --cafile",
-    "certKey": "client certificates are not supported",
-    "privateKey": "client certificates are not supported",
+    "trustRoots": "use --cafile",
 }
+# The client certificate keys of ssl: and tls: client strings, taken as
+# options (for rekey-tunnel: --client-cert and --client-key).
+_CLIENT_TLS_KEYS = {
+    "certKey": "--client-cert",
+    "certificate": "--client-cert",
+    "privateKey": "--client-key",
+}
+#: The endpoint types that mean TLS: Twisted's ``ssl:`` (server and client)
+#: and ``tls:`` (client; taken for a server too, as the same ``ssl:``).
+TLS_KINDS = ("ssl", "tls")
 
 
 # -- small parsers ---------------------------------------------------------------
@@ -146,13 +165,16 @@ class EndpointSpec:
     An endpoint string as the plugins use it.
 
     :ivar description: the string as given.
-    :ivar plain: the string of the byte stream under TLS: an ``ssl:`` string
-        becomes the ``tcp:`` string of the same address, so that the TLS
+    :ivar plain: the string of the byte stream under TLS: an ``ssl:`` or
+        ``tls:`` string becomes the ``tcp:`` string of the same address (or
+        the ``endpoint=`` of a ``tls:`` one), so that the TLS
         layer (and its key rotation) is the plugin's own.
-    :ivar tls: whether the string asked for TLS (``ssl:``).
-    :ivar tlsArguments: the TLS keys taken out of an ``ssl:`` string
-        (``privateKey``, ``certKey``), unescaped.
-    :ivar host: a client string's host (``tcp:``/``ssl:``), else ``None``.
+    :ivar tls: whether the string asked for TLS (``ssl:`` or ``tls:``).
+    :ivar tlsArguments: the TLS keys taken out of an ``ssl:`` or ``tls:``
+        string (``privateKey``, ``certKey``, ``certificate``, ``endpoint``),
+        unescaped.
+    :ivar host: a client string's host (``tcp:``/``ssl:``/``tls:``), else
+        ``None``.
     """
 
     description: str
@@ -165,7 +187,8 @@ class EndpointSpec:
 def parseEndpoint(option: str, description: str, server: bool) -> EndpointSpec:
     """
     Check an endpoint string the way Twisted parses it, and take TLS out of
-    an ``ssl:`` one.
+    an ``ssl:`` or ``tls:`` one (Twisted has ``tls:`` for clients only; for
+    a server it is taken as the same as ``ssl:``).
 
     :param option: the option's name, for the error message.
     :param server: a server endpoint (``--endpoint``, ``--listen``) or a
@@ -174,15 +197,17 @@ def parseEndpoint(option: str, description: str, server: bool) -> EndpointSpec:
     """
     from twisted.internet import endpoints, reactor
 
+    if not description.strip():
+        raise usage.UsageError(f"{option}: an empty endpoint string")
     segments = _splitUnescaped(description, ":")
     kind = segments[0].strip().lower()
-    tls = kind == "ssl"
+    tls = kind in TLS_KINDS
     tlsArguments: dict[str, str] = {}
     plain = description
     if tls:
         kept = ["tcp"]
         refused = _SERVER_TLS_REFUSED if server else _CLIENT_TLS_REFUSED
-        accepted = _SERVER_TLS_KEYS if server else {}
+        accepted = _SERVER_TLS_KEYS if server else _CLIENT_TLS_KEYS
         for segment in segments[1:]:
             pair = _splitUnescaped(segment, "=", 1)
             key = _unescape(pair[0]) if len(pair) == 2 else None
@@ -192,22 +217,35 @@ def parseEndpoint(option: str, description: str, server: bool) -> EndpointSpec:
                     f"({refused[key]})"
                 )
             if key in accepted:
+                if accepted[key] in {accepted.get(k) for k in tlsArguments if k != key}:
+                    raise usage.UsageError(
+                        f"{option} {description}: two keys for {accepted[key]}"
+                    )
+                tlsArguments[key] = _unescape(pair[1])
+                continue
+            if key == "endpoint" and kind == "tls" and not server:
+                # tls:HOST:PORT:endpoint=E: TLS over the stream E, HOST
+                # being the name to verify.
                 tlsArguments[key] = _unescape(pair[1])
                 continue
             kept.append(segment)
         plain = ":".join(kept)
+        if "endpoint" in tlsArguments:
+            plain = tlsArguments["endpoint"]
     try:
         parse: Any = (
             endpoints.serverFromString if server else endpoints.clientFromString
         )
         parse(reactor, plain)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
+    except Exception as e:
+        # Twisted's parsers raise ValueError, TypeError, KeyError,
+        # IndexError, and a plugin's parser whatever it likes.
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise usage.UsageError(
             f"{option} {description}: not a valid endpoint string ({detail})"
         ) from None
     host = None
-    if not server and kind in ("tcp", "ssl"):
+    if not server and kind in ("tcp", *TLS_KINDS):
         positional = [
             _unescape(seg)
             for seg in segments[1:]
@@ -567,6 +605,158 @@ def _checkCertificate(
     return ServerCertificate(
         Path(certPath), Path(keyPath), chain, key, fingerprint(chain[0]), default
     )
+
+
+def loadCertificateAuthorities(option: str, path: str) -> list[x509.Certificate]:
+    """
+    The PEM certificates in *path* (a CA bundle).
+
+    :raises usage.UsageError: one line, if the file cannot be read or holds
+        no PEM certificate.
+    """
+    data = _readable(option, path).read_bytes()
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise usage.UsageError(
+            f"{option} {path}: no PEM certificate in this file"
+        ) from None
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """
+    Which verified client certificates a TLS server accepts, by name, as
+    ghostunnel's ``--allow-dns``, ``--allow-uri`` and ``--allow-cn``: a
+    certificate is accepted when any one of its names is on a list (DNS
+    names compared without case, URIs and common names exactly).  With all
+    lists empty every certificate the CA issued is accepted.
+    """
+
+    dns: tuple[str, ...] = ()
+    uri: tuple[str, ...] = ()
+    cn: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.dns or self.uri or self.cn)
+
+    def describe(self) -> str:
+        """One line naming what is allowed, for the start-up log."""
+        names = [f"DNS:{n}" for n in self.dns] + [f"URI:{n}" for n in self.uri]
+        names += [f"CN={n}" for n in self.cn]
+        return "allowed: " + ", ".join(names) if names else "any name"
+
+    def refusal(self, certificate: x509.Certificate) -> Optional[str]:
+        """``None`` if *certificate* is allowed, else why it is not."""
+        if not self:
+            return None
+        try:
+            san = certificate.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+            dns = san.get_values_for_type(x509.DNSName)
+            uri = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            dns, uri = [], []
+        cn = [
+            str(a.value)
+            for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+        allowedDNS = {name.lower() for name in self.dns}
+        if (
+            any(name.lower() in allowedDNS for name in dns)
+            or any(name in self.uri for name in uri)
+            or any(name in self.cn for name in cn)
+        ):
+            return None
+        names = [f"DNS:{n}" for n in dns] + [f"URI:{n}" for n in uri]
+        names += [f"CN={n}" for n in cn]
+        return (
+            f"{certificate.subject.rfc4514_string() or 'an empty subject'} "
+            f"({', '.join(names) or 'no names'}) is not on the allow-list"
+        )
+
+
+def requireClientCertificates(
+    context: SSL.Context, authorities: list[x509.Certificate], allow: AllowList
+) -> None:
+    """
+    Make a server *context* (not yet used) require a client certificate
+    issued by one of *authorities* and allowed by *allow*.  The handshake of
+    a client without one fails; why is kept on the connection, for
+    :func:`clientRefusal`.
+    """
+    store = context.get_cert_store()
+    assert store is not None
+    for authority in authorities:
+        cert = crypto.X509.from_cryptography(authority)
+        store.add_cert(cert)
+        # Named in the CertificateRequest, for clients holding several.
+        context.add_client_ca(cert)
+
+    def verify(
+        conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+    ) -> bool:
+        # Inside OpenSSL: never raise (pyOpenSSL would re-raise it from the
+        # handshake as if it were the peer's fault).
+        try:
+            if not ok:
+                reason = _string(lib.X509_verify_cert_error_string(errnum))
+                conn.rekeyRefusal = (  # type: ignore[attr-defined]
+                    f"certificate verification failed at depth {depth}: "
+                    f"{reason.decode('ascii', 'replace')} "
+                    f"({cert.to_cryptography().subject.rfc4514_string()})"
+                )
+                return False
+            if depth != 0:
+                return True
+            refusal = allow.refusal(cert.to_cryptography())
+            if refusal is not None:
+                conn.rekeyRefusal = refusal  # type: ignore[attr-defined]
+                return False
+            return True
+        except Exception as e:
+            conn.rekeyRefusal = f"the certificate could not be read: {e}"  # type: ignore[attr-defined]
+            return False
+
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+    # A client resuming a session on a context that verifies peers needs
+    # one (OpenSSL refuses the resumption otherwise).
+    context.set_session_id(b"twisted-rekey")
+
+
+def clientRefusal(conn: Any) -> Optional[str]:
+    """Why :func:`requireClientCertificates` refused *conn*'s client, if it did."""
+    return getattr(conn, "rekeyRefusal", None)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTLS:
+    """
+    A server connection creator whose TLS configuration can be replaced
+    while it serves: each new connection is made by the configuration in
+    force (a ``CertificateOptions``, or anything with ``getContext``), the
+    connections already made keep theirs.  (A Context cannot be changed
+    once used: pyOpenSSL 26 refuses; so a new one is made each time.)
+    """
+
+    def __init__(self, options: Any) -> None:
+        self.current = options
+
+    def replace(self, options: Any) -> None:
+        """New connections use *options* from now on."""
+        self.current = options
+
+    def getContext(self) -> SSL.Context:
+        """The Context of the configuration in force."""
+        return cast(SSL.Context, self.current.getContext())
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        current = self.current
+        if IOpenSSLServerConnectionCreator.providedBy(current):
+            # Twisted >= 24: per connection (ALPN from the protocol).
+            return cast(SSL.Connection, current.serverConnectionForTLS(protocol))
+        return SSL.Connection(current.getContext(), None)
 
 
 # -- the listening service -------------------------------------------------------

@@ -94,3 +94,11 @@ def twisted_layer() -> None:
     wrapped = RotatingFactory(factory, RotationPolicy(interval=60.0))
     assert_type(wrapped.policy, RotationPolicy | None)
     assert twisted_rekey.__version__
+
+
+def metrics(protocol: Any, factory: Any) -> None:
+    collector = twisted_rekey.RekeyMetrics(buckets=(1.0, 60.0))
+    assert_type(collector.track(protocol, "server"), None)
+    assert_type(collector.trackFactory(factory), None)
+    assert_type(collector.startObserving(), None)
+    assert_type(collector.stopObserving(), None)

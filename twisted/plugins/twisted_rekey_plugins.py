@@ -24,6 +24,7 @@ rekeyTunnel = ServiceMaker(
     "twisted_rekey._tunnel",
     "A TLS tunnel whose keys rotate by policy, in front of a plain TCP "
     "service (--listen ssl:... --connect tcp:...) or towards a TLS one "
-    "(--listen tcp:... --connect ssl:...).",
+    "(--listen tcp:... --connect tls:...); mutual TLS, certificates "
+    "reloaded on SIGHUP, Prometheus metrics.",
     "rekey-tunnel",
 )
