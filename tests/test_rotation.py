@@ -13,20 +13,25 @@ from typing import Any
 import pytest
 from test_protocol import Events, Peer, _client_options, _result, _server_options
 from twisted.internet import protocol, task
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+)
 from twisted.logger import globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.protocols.wire import Echo
 from twisted.test import iosim
 from zope.interface import implementer
 
 import twisted_rekey
 from twisted_rekey import (
+    IRekeyable,
     RekeyProtocolMixin,
     RotatingFactory,
-    RotatingProtocol,
     RotationPolicy,
     RotationScheduler,
+    rekeyableFor,
 )
 from twisted_rekey._rotation import granularityFor, schedulerFor
 
@@ -522,11 +527,15 @@ def test_factory_wrapper_on_unchanged_echo(cert_files: Any) -> None:
     policy = RotationPolicy(interval=10, jitter=0.1)
     factory = RotatingFactory(inner, policy)
     one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
-    wrapper = one.server
-    assert isinstance(wrapper, RotatingProtocol)
-    assert isinstance(wrapper, RekeyProtocolMixin)
-    assert type(wrapper.wrappedProtocol) is Listening
-    assert wrapper.wrappedProtocol.handshakes == 1
+    # Nothing in between: the application's own protocol, on Twisted's TLS.
+    app = one.server
+    assert type(app) is Listening
+    assert isinstance(app.transport, TLSMemoryBIOProtocol)
+    assert app.handshakes == 1
+    rotation = rekeyableFor(app)
+    assert isinstance(rotation, RekeyProtocolMixin)
+    assert IRekeyable.providedBy(rotation)
+    assert not isinstance(app, RekeyProtocolMixin)
     sent = b""
     for i in range(60):
         chunk = b"%d," % i
@@ -534,12 +543,108 @@ def test_factory_wrapper_on_unchanged_echo(cert_files: Any) -> None:
         one.client.transport.write(chunk)
         advance(clock, [one], 1, 1)
     assert one.client.received == sent
-    rotations = wrapper.rotationSchedule.rotations
+    rotations = rotation.rotationSchedule.rotations
     assert 5 <= rotations <= 7
-    assert len(one.client.updates) == rotations == wrapper.rekeyStats.keyUpdatesSent
+    assert len(one.client.updates) == rotations == rotation.rekeyStats.keyUpdatesSent
+    # Counted where the bytes leave TLS, without touching the protocol.
+    assert rotation.rekeyStats.bytesReceived == len(sent)
+    assert rotation.rekeyStats.bytesSent == len(sent)
+    assert "dataReceived" not in vars(app) and "makeConnection" not in vars(app)
     one.close()
     assert clock.getDelayedCalls() == []
-    assert factory.protocols == {}
+
+
+@implementer(IHandshakeListener)
+class Hooked(Echo):
+    def connectionMade(self) -> None:
+        self.updates: list[bool] = []
+
+    def handshakeCompleted(self) -> None:
+        pass
+
+    def keyUpdateReceived(self, updateRequested: bool) -> None:
+        self.updates.append(updateRequested)
+
+
+def test_factory_wrapper_calls_the_protocols_hooks(cert_files: Any) -> None:
+    clock = task.Clock()
+    factory = RotatingFactory(protocol.Factory.forProtocol(Hooked), None)
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
+    one.client.keyUpdate(requestPeer=True)
+    one.pump.flush()
+    assert one.server.updates == [True]
+    stats = rekeyableFor(one.server).rekeyStats  # type: ignore[union-attr]
+    assert stats.keyUpdatesReceived == 1 and stats.keyUpdatesSent == 1
+    assert one.client.updates == [False]
+    one.close()
+
+
+def test_factory_wrapper_forwards_the_factory(cert_files: Any) -> None:
+    calls: list[str] = []
+
+    @implementer(IProtocolNegotiationFactory)
+    class Client(protocol.ClientFactory):
+        protocol = Echo
+        noisy = False
+
+        def startFactory(self) -> None:
+            calls.append("start")
+
+        def stopFactory(self) -> None:
+            calls.append("stop")
+
+        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+            calls.append("failed")
+
+        def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+            calls.append("lost")
+
+        def acceptableProtocols(self) -> list[bytes]:
+            return [b"x-test"]
+
+        def logPrefix(self) -> str:
+            return "ClientLog"
+
+    inner = Client()
+    factory: Any = RotatingFactory(inner, RotationPolicy(interval=60))
+    for interface in (IProtocolNegotiationFactory, IProtocolFactory):
+        assert interface.providedBy(factory)
+    assert factory.acceptableProtocols() == [b"x-test"]
+    assert factory.logPrefix() == "ClientLog" and factory.noisy is False
+    factory.doStart()
+    factory.doStop()
+    factory.clientConnectionFailed(None, None)
+    factory.clientConnectionLost(None, None)
+    assert calls == ["start", "stop", "failed", "lost"]
+    assert inner.numPorts == 0
+    # Written through too.
+    factory.noisy = True
+    assert inner.noisy is True
+    assert factory.policy.interval == 60
+
+    class Nothing(protocol.Factory):
+        def buildProtocol(self, addr: Any) -> None:
+            return None
+
+    assert RotatingFactory(Nothing(), None).buildProtocol(None) is None
+
+
+def test_mixin_protocol_gets_the_policy(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=10, jitter=0.1)
+    factory = RotatingFactory(protocol.Factory.forProtocol(Peer), policy)
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
+    assert type(one.server) is Peer and one.server.rotationPolicy is policy
+    assert rekeyableFor(one.server) is one.server
+    assert rekeyableFor(one.server.transport) is one.server
+    one.close()
+
+
+def test_rotating_protocol_is_deprecated() -> None:
+    with pytest.warns(DeprecationWarning, match="rekeyableFor"):
+        cls = twisted_rekey.RotatingProtocol
+    assert issubclass(cls, RekeyProtocolMixin)
+    assert "RotatingProtocol" not in twisted_rekey.__all__
 
 
 def test_factory_wrapper_checks_arguments() -> None:
@@ -554,14 +659,16 @@ def test_factory_wrapper_without_policy_can_rekey(cert_files: Any) -> None:
     clock = task.Clock()
     factory = RotatingFactory(protocol.Factory.forProtocol(Echo), None)
     one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
-    done = _result(one.server.rekey())
+    rotation: Any = rekeyableFor(one.server)
+    done = _result(rotation.rekey())
     one.pump.flush()
     assert done == [None] and one.client.updates == [False]
-    assert one.server.rotationSchedule is None
+    assert rotation.rotationSchedule is None
+    assert rekeyableFor(Echo()) is None
     one.close()
 
 
 def test_lazy_exports() -> None:
-    for name in ("RotatingFactory", "RotatingProtocol"):
+    for name in ("RotatingFactory", "rekeyableFor", "allowALPNWithoutProtocols"):
         assert name in twisted_rekey.__all__
         assert name in dir(twisted_rekey)

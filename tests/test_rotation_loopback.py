@@ -15,7 +15,7 @@ from test_protocol import TIMEOUT, Peer, _client_options, _server_options
 from twisted.internet import defer, protocol, task
 from twisted.protocols.wire import Echo
 
-from twisted_rekey import RotatingFactory, RotationPolicy
+from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
 
 
 def fast() -> RotationPolicy:
@@ -39,7 +39,16 @@ async def until(check: Any, what: str, timeout: float = TIMEOUT) -> None:
 async def test_rotating_every_100ms_while_echoing(cert_files: Any) -> None:
     from twisted.internet import reactor
 
-    factory = RotatingFactory(protocol.Factory.forProtocol(Echo), fast())
+    echoes: list[Echo] = []
+
+    class Recorded(Echo):
+        def connectionMade(self) -> None:
+            echoes.append(self)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            echoes.remove(self)
+
+    factory = RotatingFactory(protocol.Factory.forProtocol(Recorded), fast())
     port = reactor.listenSSL(
         0, factory, _server_options(cert_files, "1.3"), interface="127.0.0.1"
     )
@@ -54,7 +63,8 @@ async def test_rotating_every_100ms_while_echoing(cert_files: Any) -> None:
     )
     client = await built.addTimeout(TIMEOUT, reactor)
     try:
-        (server,) = factory.protocols
+        (echo,) = echoes
+        server: Any = rekeyableFor(echo)
         sent = bytearray()
         started = time.monotonic()
         i = 0
@@ -81,7 +91,7 @@ async def test_rotating_every_100ms_while_echoing(cert_files: Any) -> None:
         client.transport.loseConnection()  # type: ignore[union-attr]
         await client.lostDeferred.addTimeout(TIMEOUT, reactor)
         await port.stopListening()
-    await until(lambda: not factory.protocols, "the server side to close")
+    await until(lambda: not echoes, "the server side to close")
     assert not [c for c in reactor.getDelayedCalls() if "RotationScheduler" in repr(c)]
 
 
@@ -100,14 +110,21 @@ async def test_openssl_server_logs_each_scheduled_rotation(cert_files: Any) -> N
     from twisted.internet import reactor
 
     with OpenSSLServer(cert_files, version="1.3") as peer:
-        factory = RotatingFactory(protocol.ClientFactory.forProtocol(Lines), fast())
+        built: list[Lines] = []
+
+        class Recorded(Lines):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                built.append(self)
+
+        factory = RotatingFactory(protocol.ClientFactory.forProtocol(Recorded), fast())
         reactor.connectSSL(
             peer.host, peer.port, factory, _client_options(cert_files), timeout=5
         )
-        await until(lambda: factory.protocols, "the connection")
-        (wrapper,) = factory.protocols
+        await until(lambda: built, "the connection")
+        (app,) = built
+        wrapper: Any = rekeyableFor(app)
         await until(lambda: wrapper.rotationSchedule is not None, "the handshake")
-        app = wrapper.wrappedProtocol
         lines = [b"line %03d of the rotating client" % i for i in range(40)]
         for line in lines:
             app.transport.write(line + b"\n")
@@ -125,6 +142,7 @@ async def test_openssl_server_logs_each_scheduled_rotation(cert_files: Any) -> N
         # And its data still reaches us under the keys it has now.
         peer.send_line("reply from s_server")
         await until(lambda: b"reply from s_server\n" in app.received, "the reply")
-        wrapper.transport.loseConnection()
-        await until(lambda: not factory.protocols, "the close")
+        lost = app.transport
+        lost.loseConnection()  # type: ignore[union-attr]
+        await until(lambda: not lost.connected, "the close")  # type: ignore[union-attr]
     assert not [c for c in reactor.getDelayedCalls() if "RotationScheduler" in repr(c)]

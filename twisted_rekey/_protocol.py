@@ -280,8 +280,7 @@ class _Watcher:
         tls.connectionLost = self.connectionLost  # type: ignore[method-assign]
         tls._write = self.write  # type: ignore[method-assign]
         tls._bufferedWrite = self.bufferedWrite  # type: ignore[method-assign]
-        protocol: Any = owner
-        protocol.dataReceived = self.wrapAppData(protocol.dataReceived)
+        owner._rekeyCountReceived(self)
 
     # -- inside OpenSSL: record only, never raise, never call SSL_* that
     # -- could re-enter the state machine.
@@ -1050,6 +1049,14 @@ class RekeyProtocolMixin:
 
     def _rekeyConnectionLost(self, reason: Failure) -> None:
         """Called once, when the connection is lost (after the protocol)."""
+
+    def _rekeyCountReceived(self, watcher: _Watcher) -> None:
+        """
+        Have *watcher* count the application bytes this connection
+        receives: here, on their way into this protocol's ``dataReceived``.
+        """
+        protocol: Any = self
+        protocol.dataReceived = watcher.wrapAppData(protocol.dataReceived)
 
     def _rekeyNow(
         self, requestPeer: bool, reason: str, timeout: float | None = None
