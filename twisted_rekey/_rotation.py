@@ -128,6 +128,7 @@ class RotationDriver:
         "_armed",
         "_clock",
         "_inFlight",
+        "_log",
         "_owner",
         "_pending",
         "_scheduler",
@@ -142,8 +143,11 @@ class RotationDriver:
         clock: Any,
         scheduler: RotationScheduler,
         schedule: RotationSchedule,
+        log: Logger | None = None,
     ) -> None:
         self._owner = owner
+        # The connection's logger, so that every event names it.
+        self._log = _log if log is None else log
         # Any: IReactorTime's methods are declared without self.
         self._clock: Any = clock
         self._scheduler = scheduler
@@ -172,7 +176,7 @@ class RotationDriver:
         try:
             return cls._start(watcher, owner, policy)
         except Exception:
-            _log.failure(
+            watcher.log.failure(
                 "could not start key rotation for this connection",
                 rekey_event="rotation_error",
             )
@@ -203,7 +207,9 @@ class RotationDriver:
             secure_renegotiation=secure,
         )
         granularity = owner.rotationGranularity or granularityFor(policy)
-        driver = cls(owner, clock, schedulerFor(clock, granularity), schedule)
+        driver = cls(
+            owner, clock, schedulerFor(clock, granularity), schedule, watcher.log
+        )
         reason = schedule.disabled_reason
         if (
             reason is None
@@ -221,7 +227,7 @@ class RotationDriver:
             )
             driver._stopped = True
         if reason is not None:
-            _log.info(
+            driver._log.info(
                 "key rotation disabled for this connection: {reason}",
                 rekey_event="rotation_disabled",
                 reason=reason,
@@ -380,7 +386,7 @@ class RotationDriver:
                 # The answer to an update request never came (the
                 # connection went, or timed out): the request stays
                 # outstanding in the policy, as it does on the connection.
-                _log.info(
+                self._log.info(
                     "the peer did not answer a KeyUpdate request: {error}",
                     rekey_event="rotation_request_unanswered",
                     error=result.getErrorMessage(),
@@ -409,7 +415,7 @@ class RotationDriver:
             # closing): stop for good.
             self.schedule.rotation_failed(now)
             self.stop()
-            _log.warn(
+            self._log.warn(
                 "key rotation disabled for this connection: {error}",
                 rekey_event="rotation_disabled",
                 reason=failure.getErrorMessage(),
@@ -417,7 +423,7 @@ class RotationDriver:
             )
             return
         self.schedule.rotation_failed(now)
-        _log.warn(
+        self._log.warn(
             "a scheduled {method} failed ({error}); retrying later",
             rekey_event="rotation_failed",
             method=action.method,
@@ -428,7 +434,7 @@ class RotationDriver:
 
     def _crashed(self) -> None:
         self.stop()
-        _log.failure(
+        self._log.failure(
             "key rotation stopped for this connection after an internal error",
             rekey_event="rotation_error",
         )
@@ -483,6 +489,9 @@ class _ConnectionRekeyer(RekeyProtocolMixin):
     def __repr__(self) -> str:
         return f"<rotation of {self.protocol!r}>"
 
+    def _rekeyApplication(self) -> object:
+        return self.protocol
+
     def keyUpdateReceived(self, updateRequested: bool) -> None:
         """Tell the application's protocol, if it has this hook."""
         hook = getattr(self.protocol, "keyUpdateReceived", None)
@@ -534,18 +543,36 @@ def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
     """
     if isinstance(protocolOrTransport, RekeyProtocolMixin):
         return protocolOrTransport
-    for candidate in (
-        protocolOrTransport,
-        getattr(protocolOrTransport, "transport", None),
-    ):
+    try:
+        ref = _owners.get(protocolOrTransport)
+    except TypeError:  # not weakly referenceable
+        ref = None
+    owner = None if ref is None else ref()
+    if owner is not None:
+        return owner
+    # A transport, or a protocol whose transport leads to the TLS one.
+    candidate = protocolOrTransport
+    for _ in range(3):
         tls = _findTLS(candidate)
         if tls is not None:
-            owner = tls.__dict__.get("_rekeyOwner")
-            if owner is not None:
-                return cast(RekeyProtocolMixin, owner)
+            found = tls.__dict__.get("_rekeyOwner")
+            if found is not None:
+                return cast(RekeyProtocolMixin, found)
             if isinstance(tls.wrappedProtocol, RekeyProtocolMixin):
                 return tls.wrappedProtocol
+            return None
+        candidate = getattr(candidate, "transport", None)
+        if candidate is None:
+            break
     return None
+
+
+# The protocols RotatingFactory built, to their connection's rotation: the
+# TLS transport holds the rotation, this only finds it (a proxy such as
+# Site's HTTP/1.1-HTTP/2 switch has no transport of its own).
+_owners: weakref.WeakKeyDictionary[object, weakref.ref[_ConnectionRekeyer]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @implementer(IProtocolFactory)
@@ -713,6 +740,10 @@ def _attach(protocol: Any, transport: Any, factory: RotatingFactory) -> None:
         owner = _ConnectionRekeyer(protocol, tls, factory)
         if owner._rekeyAttach() is not None:
             tls._rekeyOwner = owner  # type: ignore[attr-defined]
+            try:
+                _owners[protocol] = weakref.ref(owner)
+            except TypeError:  # not weakly referenceable: found by transport
+                pass
     except Exception:
         _log.failure(
             "could not start key rotation for this connection",

