@@ -141,6 +141,7 @@ _PACKAGES = {
     "gnutls-cli": "gnutls-bin",
     "stdbuf": "coreutils",
     "unshare": "util-linux",
+    "curl": "curl",
 }
 
 #: ``-msg`` output of s_server/s_client on *receiving* a KeyUpdate.

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from peers import require_tool
-from twisted.internet import endpoints
+from test_rotation_loopback import sleep, until
+from twisted.internet import endpoints, protocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.spread import pb
 from twisted.web import resource, server
 
 from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
@@ -227,3 +232,202 @@ async def test_site_negotiates_http2_with_httpx(cert_files: Any, wrapped: bool) 
         # httpx (Python's ssl, OpenSSL) answered our update requests: it
         # followed the rotations, and its own new keys decrypted here.
         assert stats.keyUpdatesReceived >= 1, stats
+
+
+# -- AMP through endpoint strings ----------------------------------------------
+
+
+class Echo(amp.Command):
+    arguments = [(b"data", amp.String())]
+    response = [(b"data", amp.String())]
+
+
+class Sum(amp.Command):
+    arguments = [(b"a", amp.Integer()), (b"b", amp.Integer())]
+    response = [(b"total", amp.Integer())]
+
+
+class AMPServer(amp.AMP):
+    connected: list[AMPServer] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.connected.append(self)
+
+    @Echo.responder
+    def echo(self, data: bytes) -> dict[str, bytes]:
+        return {"data": data}
+
+    @Sum.responder
+    def sum(self, a: int, b: int) -> dict[str, int]:
+        return {"total": a + b}
+
+
+@pytest_twisted.ensureDeferred
+async def test_amp_over_endpoints(cert_files: Any, tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    AMPServer.connected = []
+    serverFactory = RotatingFactory(protocol.Factory.forProtocol(AMPServer), None)
+    port = await serverEndpoint(cert_files).listen(serverFactory)
+    endpoint = clientEndpoint(cert_files, port.getHost().port, tmp_path)
+    client = await endpoint.connect(
+        RotatingFactory(protocol.Factory.forProtocol(amp.AMP), fast())
+    ).addTimeout(TIMEOUT, reactor)
+    try:
+        # The application's own protocol, on Twisted's own TLS transport.
+        assert type(client) is amp.AMP
+        assert isinstance(client.transport, TLSMemoryBIOProtocol)
+        rotation: Any = rekeyableFor(client)
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < 1.5:
+            data = hashlib.sha256(b"%d" % i).digest() * 100
+            answer = await client.callRemote(Echo, data=data)
+            assert answer == {"data": data}
+            total = await client.callRemote(Sum, a=i, b=1000)
+            assert total == {"total": i + 1000}
+            i += 1
+            await sleep(0.02)
+        sent = rotation.rekeyStats.keyUpdatesSent
+        assert sent >= 5, rotation.rekeyStats
+        (peer,) = AMPServer.connected
+        serverSide: Any = rekeyableFor(peer)
+        # The server read every one of them, and answered every call.
+        await until(lambda: serverSide.rekeyStats.keyUpdatesReceived == sent, "all")
+        assert serverSide.rekeyStats.bytesReceived == rotation.rekeyStats.bytesSent
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
+    # AMP drops its transport once the connection is lost.
+    await until(lambda: AMPServer.connected[0].transport is None, "the close")
+
+
+# -- Perspective Broker --------------------------------------------------------
+
+
+class Root(pb.Root):
+    def remote_echo(self, data: bytes) -> bytes:
+        return data
+
+
+class RecordingServerFactory(pb.PBServerFactory):
+    def buildProtocol(self, addr: Any) -> Any:
+        built = super().buildProtocol(addr)
+        self.built = built
+        return built
+
+
+@pytest_twisted.ensureDeferred
+async def test_perspective_broker(cert_files: Any, tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    serverFactory = RecordingServerFactory(Root())
+    port = await serverEndpoint(cert_files).listen(
+        RotatingFactory(serverFactory, fast())
+    )
+    clientFactory = pb.PBClientFactory()
+    endpoint = clientEndpoint(cert_files, port.getHost().port, tmp_path)
+    broker = await endpoint.connect(RotatingFactory(clientFactory, fast())).addTimeout(
+        TIMEOUT, reactor
+    )
+    try:
+        assert isinstance(broker, pb.Broker)
+        assert isinstance(broker.transport, TLSMemoryBIOProtocol)
+        root = await clientFactory.getRootObject().addTimeout(TIMEOUT, reactor)
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < 1.5:
+            data = hashlib.sha256(b"pb %d" % i).digest() * 50
+            assert await root.callRemote("echo", data) == data
+            i += 1
+            await sleep(0.02)
+        ours: Any = rekeyableFor(broker)
+        theirs: Any = rekeyableFor(serverFactory.built)
+        assert ours.rekeyStats.keyUpdatesSent >= 5
+        assert theirs.rekeyStats.keyUpdatesSent >= 5
+        await until(
+            lambda: (
+                theirs.rekeyStats.keyUpdatesReceived == ours.rekeyStats.keyUpdatesSent
+            ),
+            "the server to read every KeyUpdate",
+        )
+        await until(
+            lambda: (
+                ours.rekeyStats.keyUpdatesReceived == theirs.rekeyStats.keyUpdatesSent
+            ),
+            "the client to read every KeyUpdate",
+        )
+    finally:
+        clientFactory.disconnect()
+        await port.stopListening()
+    await until(lambda: broker.disconnected, "the close")
+
+
+# -- Autobahn with a websockets client -----------------------------------------
+
+WEBSOCKETS_CLIENT = """
+import hashlib, ssl, sys, time
+from websockets.sync.client import connect
+context = ssl.create_default_context(cafile=sys.argv[2])
+timeout = float(sys.argv[3])
+count = 0
+with connect(sys.argv[1], ssl=context, open_timeout=timeout) as ws:
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:
+        message = hashlib.sha256(b"ws %d" % count).digest() * 64
+        ws.send(message)
+        assert ws.recv(timeout=timeout) == message, count
+        count += 1
+        time.sleep(0.02)
+print("OK", count)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_autobahn_websocket_server_with_websockets_client(
+    cert_files: Any,
+) -> None:
+    from autobahn.twisted.websocket import (
+        WebSocketServerFactory,
+        WebSocketServerProtocol,
+    )
+
+    connected: list[Any] = []
+
+    class EchoSocket(WebSocketServerProtocol):  # type: ignore[misc]
+        def onConnect(self, request: Any) -> None:
+            # Autobahn asks the transport for its TLS channel id: it must
+            # be Twisted's own TLS protocol.
+            connected.append(self)
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            self.sendMessage(payload, isBinary)
+
+    factory = WebSocketServerFactory()
+    factory.protocol = EchoSocket
+    port = await serverEndpoint(cert_files).listen(
+        RotatingFactory(factory, fast(requestPeer=True))
+    )
+    try:
+        url = f"wss://127.0.0.1:{port.getHost().port}/"
+        out, err, code = await run(
+            sys.executable,
+            "-c",
+            WEBSOCKETS_CLIENT,
+            url,
+            str(cert_files.ca_cert),
+            str(TIMEOUT),
+        )
+    finally:
+        await port.stopListening()
+    assert code == 0, err
+    verdict, count = out.split()
+    assert verdict == "OK" and int(count) >= 20
+    (socket,) = connected
+    assert isinstance(socket.transport, TLSMemoryBIOProtocol)
+    stats: Any = rekeyableFor(socket)
+    assert stats.rekeyStats.keyUpdatesSent >= 5, stats.rekeyStats
+    # The client answered our requests: it followed our rotations.
+    assert stats.rekeyStats.keyUpdatesReceived >= 1, stats.rekeyStats
+    await until(lambda: not socket.transport.connected, "the close")
