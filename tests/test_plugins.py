@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from peers import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -564,3 +565,52 @@ def test_default_certificate_reused_and_renewed(tmp_path: Path) -> None:
         "127.0.0.1",
         "::1",
     }
+
+
+def test_echo_accepts_a_default_curl(tmp_path: Path) -> None:
+    # curl offers ALPN (h2, http/1.1) by default; the echo speaks neither,
+    # and must ignore the offer rather than fail the handshake (Twisted
+    # 26.x alone answers it with internal_error).
+    curl = require_tool("curl")
+    with rekey_echo(tmp_path) as server:
+        match = server.wait_for(r"self-signed certificate for localhost, .*: (\S+) ")
+        done = subprocess.run(
+            [
+                curl,
+                "--verbose",
+                "--silent",
+                "--http0.9",
+                "--max-time",
+                "3",
+                "--cacert",
+                match.group(1),
+                f"https://127.0.0.1:{server.port}/echo-this",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        assert "ALPN" in done.stderr and "offers" in done.stderr, done.stderr
+        assert "internal error" not in done.stderr, done.stderr
+        assert "ALPN: server did not agree" in done.stderr, done.stderr
+        # The request came back through TLS: the echo (no HTTP server)
+        # keeps the connection open, so curl stops at --max-time.
+        assert "GET /echo-this HTTP/1.1" in done.stdout, done.stderr
+        assert done.returncode in (0, 28), done.stderr
+        # Why the connection ended is logged, not only its figures.
+        server.wait_for(r"closed: KeyUpdates sent .*; (closed cleanly|\w+)")
+
+
+def test_echo_logs_why_a_connection_failed(tmp_path: Path) -> None:
+    # A client that does not trust the certificate aborts the handshake:
+    # the echo names the alert it received.
+    curl = require_tool("curl")
+    with rekey_echo(tmp_path) as server:
+        done = subprocess.run(
+            [curl, "--silent", "--max-time", "5", f"https://127.0.0.1:{server.port}/"],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        assert done.returncode != 0
+        server.wait_for(r"closed: .*; TLS failure: .*alert")

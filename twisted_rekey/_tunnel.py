@@ -36,7 +36,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from ._echo import describePeer, describeStats, describeTLS
+from ._echo import describePeer, describeReason, describeStats, describeTLS
 from ._policy import RotationPolicy
 from ._protocol import RekeyProtocolMixin
 from ._tap import (
@@ -165,10 +165,11 @@ class RelaySide(RekeyProtocolMixin, Protocol):
         self.lost = True
         if self.isTLS:
             _log.info(
-                "{command}: {peer} closed: {stats}",
+                "{command}: {peer} closed: {stats}; {why}",
                 command=COMMAND,
                 peer=self.name,
                 stats=describeStats(self),
+                why=describeReason(reason),
             )
         peer, self.peer = self.peer, None
         if peer is not None and peer.peer is self:
