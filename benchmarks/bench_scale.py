@@ -134,7 +134,7 @@ def server(args: argparse.Namespace) -> None:
     from twisted.protocols.tls import TLSMemoryBIOFactory
     from twisted.protocols.wire import Echo
 
-    from twisted_rekey import RotatingFactory, RotationPolicy
+    from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
 
     certs = Path(args.certs)
     pem = (certs / "server.pem").read_bytes()
@@ -195,7 +195,7 @@ def server(args: argparse.Namespace) -> None:
         gc.collect()
         result["rss_per_connection"] = (_rss() - rssBefore) / handshakes
         for p in built:
-            wrappers.append(p.wrappedProtocol)
+            wrappers.append(rekeyableFor(p.wrappedProtocol) or p.wrappedProtocol)
         if policy is not None:
             w = wrappers[0]
             driver = w._rekeyWatcher.rotation
