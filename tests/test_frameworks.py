@@ -87,6 +87,15 @@ async def run(executable: str, *args: str) -> tuple[str, str, int]:
     return out.decode(), err.decode(), code
 
 
+async def runPython(cert_files: Any, script: str, url: str) -> str:
+    """Run a client *script* (argv: url, CA file, timeout); its output."""
+    out, err, code = await run(
+        sys.executable, "-c", script, url, str(cert_files.ca_cert), str(TIMEOUT)
+    )
+    assert code == 0, err
+    return out
+
+
 # -- twisted.web ---------------------------------------------------------------
 
 
@@ -130,23 +139,6 @@ async def listenSite(cert_files: Any, policy: RotationPolicy | None) -> Any:
     factory: Any = site if policy is None else RotatingFactory(site, policy)
     port = await serverEndpoint(cert_files).listen(factory)
     return site, port
-
-
-HTTPX_CLIENT = """
-import hashlib, ssl, sys
-import httpx
-context = ssl.create_default_context(cafile=sys.argv[2])
-with httpx.Client(http2=True, verify=context, timeout=float(sys.argv[3])) as c:
-    r = c.get(sys.argv[1])
-    print(r.http_version, r.status_code, len(r.content),
-          hashlib.sha256(r.content).hexdigest())
-"""
-
-
-def h2Available() -> bool:
-    from twisted.web import http
-
-    return bool(getattr(http, "H2_ENABLED", False))
 
 
 def curlArgs(cert_files: Any, *args: str) -> list[str]:
@@ -209,17 +201,9 @@ async def test_site_negotiates_http2_with_httpx(cert_files: Any, wrapped: bool) 
     )
     try:
         url = f"https://127.0.0.1:{port.getHost().port}/"
-        out, err, code = await run(
-            sys.executable,
-            "-c",
-            HTTPX_CLIENT,
-            url,
-            str(cert_files.ca_cert),
-            str(TIMEOUT),
-        )
+        out = await runPython(cert_files, HTTPX_CLIENT, url)
     finally:
         await port.stopListening()
-    assert code == 0, err
     assert out.split() == [
         "HTTP/2",
         "200",
@@ -411,17 +395,9 @@ async def test_autobahn_websocket_server_with_websockets_client(
     )
     try:
         url = f"wss://127.0.0.1:{port.getHost().port}/"
-        out, err, code = await run(
-            sys.executable,
-            "-c",
-            WEBSOCKETS_CLIENT,
-            url,
-            str(cert_files.ca_cert),
-            str(TIMEOUT),
-        )
+        out = await runPython(cert_files, WEBSOCKETS_CLIENT, url)
     finally:
         await port.stopListening()
-    assert code == 0, err
     verdict, count = out.split()
     assert verdict == "OK" and int(count) >= 20
     (socket,) = connected
