@@ -158,6 +158,12 @@ def rotationsOf(site: RecordingSite) -> list[Any]:
     return [rekeyableFor(p).rekeyStats for p in site.built]  # type: ignore[union-attr]
 
 
+async def closed(site: RecordingSite) -> None:
+    """Wait until the server side of each wrapped connection is gone."""
+    tls = [rekeyableFor(p).transport for p in site.built]  # type: ignore[union-attr]
+    await until(lambda: not any(t.connected for t in tls), "the server to close")
+
+
 @pytest_twisted.ensureDeferred
 async def test_site_with_curl_defaults(cert_files: Any, tmp_path: Path) -> None:
     curl = require_tool("curl")
@@ -172,6 +178,7 @@ async def test_site_with_curl_defaults(cert_files: Any, tmp_path: Path) -> None:
     # curl offered ALPN (its default), and the wrapped Site answered it.
     assert "ALPN" in err, err
     assert saved.read_bytes() == body()
+    await closed(site)
     (stats,) = rotationsOf(site)
     # curl decrypted every record after each of these KeyUpdates.
     assert stats.keyUpdatesSent >= 5, stats
@@ -211,6 +218,7 @@ async def test_site_negotiates_http2_with_httpx(cert_files: Any, wrapped: bool) 
         hashlib.sha256(body()).hexdigest(),
     ]
     if wrapped:
+        await closed(site)
         (stats,) = rotationsOf(site)
         assert stats.keyUpdatesSent >= 5, stats
         # httpx (Python's ssl, OpenSSL) answered our update requests: it
@@ -284,7 +292,10 @@ async def test_amp_over_endpoints(cert_files: Any, tmp_path: Path) -> None:
         client.transport.loseConnection()
         await port.stopListening()
     # AMP drops its transport once the connection is lost.
-    await until(lambda: AMPServer.connected[0].transport is None, "the close")
+    await until(
+        lambda: AMPServer.connected[0].transport is None and client.transport is None,
+        "the close at both ends",
+    )
 
 
 # -- Perspective Broker --------------------------------------------------------
@@ -345,7 +356,10 @@ async def test_perspective_broker(cert_files: Any, tmp_path: Path) -> None:
     finally:
         clientFactory.disconnect()
         await port.stopListening()
-    await until(lambda: broker.disconnected, "the close")
+    await until(
+        lambda: broker.disconnected and serverFactory.built.disconnected,
+        "the close at both ends",
+    )
 
 
 # -- Autobahn with a websockets client -----------------------------------------
