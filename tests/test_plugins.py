@@ -567,38 +567,62 @@ def test_default_certificate_reused_and_renewed(tmp_path: Path) -> None:
     }
 
 
-def test_echo_accepts_a_default_curl(tmp_path: Path) -> None:
-    # curl offers ALPN (h2, http/1.1) by default; the echo speaks neither,
-    # and must ignore the offer rather than fail the handshake (Twisted
-    # 26.x alone answers it with internal_error).
+def default_curl(port: int, cafile: Path) -> None:
+    """
+    Fetch from a plugin's TLS side with curl's defaults (ALPN offering h2
+    and http/1.1), through to an echo: the request must come back.
+    """
+    # The plugins speak no ALPN protocol, and must ignore the offer rather
+    # than fail the handshake (Twisted 26.x alone answers internal_error).
     curl = require_tool("curl")
+    done = subprocess.run(
+        [
+            curl,
+            "--verbose",
+            "--silent",
+            "--http0.9",
+            "--max-time",
+            "3",
+            "--cacert",
+            str(cafile),
+            f"https://127.0.0.1:{port}/echo-this",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert "ALPN: offers" in done.stderr, done.stderr
+    assert "internal error" not in done.stderr, done.stderr
+    assert "ALPN: server did not agree" in done.stderr, done.stderr
+    # The request came back through TLS: an echo (no HTTP server) keeps
+    # the connection open, so curl stops at --max-time.
+    assert "GET /echo-this HTTP/1.1" in done.stdout, done.stderr
+    assert done.returncode in (0, 28), done.stderr
+
+
+def test_echo_accepts_a_default_curl(tmp_path: Path) -> None:
     with rekey_echo(tmp_path) as server:
-        match = server.wait_for(r"self-signed certificate for localhost, .*: (\S+) ")
-        done = subprocess.run(
-            [
-                curl,
-                "--verbose",
-                "--silent",
-                "--http0.9",
-                "--max-time",
-                "3",
-                "--cacert",
-                match.group(1),
-                f"https://127.0.0.1:{server.port}/echo-this",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-        )
-        assert "ALPN" in done.stderr and "offers" in done.stderr, done.stderr
-        assert "internal error" not in done.stderr, done.stderr
-        assert "ALPN: server did not agree" in done.stderr, done.stderr
-        # The request came back through TLS: the echo (no HTTP server)
-        # keeps the connection open, so curl stops at --max-time.
-        assert "GET /echo-this HTTP/1.1" in done.stdout, done.stderr
-        assert done.returncode in (0, 28), done.stderr
+        default_curl(server.port, tmp_path / "state" / "localhost.pem")
         # Why the connection ended is logged, not only its figures.
-        server.wait_for(r"closed: KeyUpdates sent .*; (closed cleanly|\w+)")
+        server.wait_for(r"closed: KeyUpdates sent .*; closed cleanly")
+
+
+def test_tunnel_accepts_a_default_curl(tmp_path: Path) -> None:
+    with (
+        plain_echo_server() as backend,
+        twistd(
+            tmp_path,
+            "rekey-tunnel",
+            "--listen",
+            "ssl:0:interface=127.0.0.1",
+            "--connect",
+            f"tcp:127.0.0.1:{backend}",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ) as tunnel,
+    ):
+        default_curl(tunnel.port, tmp_path / "state" / "localhost.pem")
+        tunnel.wait_for(r"closed: KeyUpdates sent .*; closed cleanly")
 
 
 def test_echo_logs_why_a_connection_failed(tmp_path: Path) -> None:
