@@ -14,6 +14,7 @@ the reactor under test never blocks on them.
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -104,8 +105,15 @@ class Streamed(resource.Resource):
 
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: rekeyableFor(request.channel) of each request.
+        self.rotations: list[Any] = []
+
     def render_GET(self, request: Any) -> Any:
         from twisted.internet import reactor
+
+        self.rotations.append(rekeyableFor(request.channel))
 
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", b"%d" % (CHUNKS * CHUNK))
@@ -164,24 +172,41 @@ async def closed(site: RecordingSite) -> None:
     await until(lambda: not any(t.connected for t in tls), "the server to close")
 
 
+@pytest.mark.parametrize(
+    "version, using",
+    [((), r"HTTP/2"), (("--http1.1",), r"HTTP/1\.[1x]")],
+    ids=["defaults", "http1.1"],
+)
 @pytest_twisted.ensureDeferred
-async def test_site_with_curl_defaults(cert_files: Any, tmp_path: Path) -> None:
+async def test_site_with_curl(
+    cert_files: Any, tmp_path: Path, version: tuple[str, ...], using: str
+) -> None:
     curl = require_tool("curl")
     site, port = await listenSite(cert_files, fast())
     saved = tmp_path / "body"
     try:
         url = f"https://127.0.0.1:{port.getHost().port}/"
-        _, err, code = await run(curl, *curlArgs(cert_files, "-o", str(saved), url))
+        _, err, code = await run(
+            curl, *curlArgs(cert_files, *version, "-o", str(saved), url)
+        )
     finally:
         await port.stopListening()
     assert code == 0, err
-    # curl offered ALPN (its default), and the wrapped Site answered it.
-    assert "ALPN" in err, err
+    # curl offered ALPN (its default), and the wrapped Site answered it:
+    # with h2 (Site's first choice) unless curl was told HTTP/1.1.
+    assert "ALPN: offers" in err, err
+    assert re.search(f"using {using}", err), err
     assert saved.read_bytes() == body()
     await closed(site)
     (stats,) = rotationsOf(site)
-    # curl decrypted every record after each of these KeyUpdates.
-    assert stats.keyUpdatesSent >= 5, stats
+    # A resource reaches its connection's rotation through the channel.
+    (rotation,) = site.resource.rotations
+    assert rotation is rekeyableFor(site.built[0])
+    # curl read each of these KeyUpdates (its own log says so) and
+    # decrypted every record after them.
+    seen = err.count("(IN), TLS handshake, Key update")
+    # The last may have gone out after the body, once curl stopped reading.
+    assert 5 <= seen and stats.keyUpdatesSent - 1 <= seen <= stats.keyUpdatesSent
     assert stats.bytesSent > CHUNKS * CHUNK
 
 

@@ -629,6 +629,33 @@ def test_factory_wrapper_forwards_the_factory(cert_files: Any) -> None:
     assert RotatingFactory(Nothing(), None).buildProtocol(None) is None
 
 
+class Slotted:
+    """An IProtocol that takes no instance attributes."""
+
+    __slots__ = ("transport",)
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+def test_factory_wrapper_says_when_it_cannot_watch(events: Events) -> None:
+    class Factory(protocol.Factory):
+        def buildProtocol(self, addr: Any) -> Any:
+            return Slotted()
+
+    built = RotatingFactory(Factory(), RotationPolicy(interval=60)).buildProtocol(None)
+    # Handed over all the same, with a warning instead of a rotation.
+    assert type(built) is Slotted
+    (event,) = [e for e in events.events if e["rekey_event"] == "rotation_unavailable"]
+    assert event["protocol"] is built
+
+
 def test_mixin_protocol_gets_the_policy(cert_files: Any) -> None:
     clock = task.Clock()
     policy = RotationPolicy(interval=10, jitter=0.1)

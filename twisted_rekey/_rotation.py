@@ -529,9 +529,9 @@ def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
     For a protocol built by :class:`RotatingFactory` it returns the object
     that rotates that protocol's connection; for a protocol that mixes in
     :class:`~twisted_rekey.RekeyProtocolMixin` it returns the protocol
-    itself.  A transport is accepted as well as a protocol (an HTTP/2
-    stream's protocol, for example, is reached through its channel's
-    transport).
+    itself.  A transport is accepted as well as a protocol, and so is
+    what leads to one: in a twisted.web resource, ``request.channel`` (an
+    HTTP/1.1 channel, or an HTTP/2 stream) reaches its connection's.
 
     :param protocolOrTransport: a protocol (the one ``endpoint.connect()``
         fired with, or ``buildProtocol`` returned), or its transport.
@@ -561,9 +561,14 @@ def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
             if isinstance(tls.wrappedProtocol, RekeyProtocolMixin):
                 return tls.wrappedProtocol
             return None
-        candidate = getattr(candidate, "transport", None)
-        if candidate is None:
+        following = getattr(candidate, "transport", None)
+        if following is None:
+            # twisted.web's HTTP/2 streams (a request's channel) have no
+            # transport of their own: their connection has it.
+            following = getattr(candidate, "_conn", None)
+        if following is None:
             break
+        candidate = following
     return None
 
 
