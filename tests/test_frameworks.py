@@ -31,7 +31,12 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.spread import pb
 from twisted.web import resource, server
 
-from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
+from twisted_rekey import (
+    RekeyProtocolMixin,
+    RotatingFactory,
+    RotationPolicy,
+    rekeyableFor,
+)
 
 TIMEOUT = 30.0
 
@@ -317,6 +322,46 @@ async def test_amp_over_endpoints(cert_files: Any, tmp_path: Path) -> None:
         client.transport.loseConnection()
         await port.stopListening()
     # AMP drops its transport once the connection is lost.
+    await until(
+        lambda: AMPServer.connected[0].transport is None and client.transport is None,
+        "the close at both ends",
+    )
+
+
+class RekeyingAMP(RekeyProtocolMixin, amp.AMP):
+    """A protocol of one's own can carry the mixin, for connectProtocol."""
+
+    rotationPolicy = fast()
+
+
+@pytest_twisted.ensureDeferred
+async def test_amp_mixin_through_connect_protocol(
+    cert_files: Any, tmp_path: Path
+) -> None:
+    from twisted.internet import reactor
+
+    AMPServer.connected = []
+    port = await serverEndpoint(cert_files).listen(
+        RotatingFactory(protocol.Factory.forProtocol(AMPServer), None)
+    )
+    endpoint = clientEndpoint(cert_files, port.getHost().port, tmp_path)
+    client = await endpoints.connectProtocol(endpoint, RekeyingAMP()).addTimeout(
+        TIMEOUT, reactor
+    )
+    try:
+        assert rekeyableFor(client) is client
+        for i in range(40):
+            data = b"%d" % i * 1000
+            assert await client.callRemote(Echo, data=data) == {"data": data}
+            await sleep(0.02)
+        sent = client.rekeyStats.keyUpdatesSent
+        assert sent >= 3, client.rekeyStats
+        (peer,) = AMPServer.connected
+        serverSide: Any = rekeyableFor(peer)
+        await until(lambda: serverSide.rekeyStats.keyUpdatesReceived == sent, "all")
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
     await until(
         lambda: AMPServer.connected[0].transport is None and client.transport is None,
         "the close at both ends",
