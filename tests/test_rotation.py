@@ -566,6 +566,26 @@ class Hooked(Echo):
         self.updates.append(updateRequested)
 
 
+def test_factory_wrapper_renegotiates_tls12_from_the_server(cert_files: Any) -> None:
+    clock = task.Clock()
+    factory = RotatingFactory(
+        protocol.Factory.forProtocol(Echo), RotationPolicy(interval=10, jitter=0)
+    )
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer), "1.2")
+    rotation: Any = rekeyableFor(one.server)
+    sent = b""
+    for i in range(35):
+        chunk = b"%d;" % i
+        sent += chunk
+        one.client.transport.write(chunk)
+        advance(clock, [one], 1, 1)
+    assert one.client.received == sent
+    assert rotation.rotationSchedule.method == "renegotiation"
+    # The client saw each renegotiation complete.
+    assert one.client.renegotiationsSeen == rotation.rekeyStats.renegotiations == 3
+    one.close()
+
+
 def test_factory_wrapper_calls_the_protocols_hooks(cert_files: Any) -> None:
     clock = task.Clock()
     factory = RotatingFactory(protocol.Factory.forProtocol(Hooked), None)
