@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from test_protocol import Events, Peer, _client_options, _result, _server_options
+from test_rotation_loopback import Lines
 from twisted.internet import protocol, task
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -583,6 +584,29 @@ def test_factory_wrapper_renegotiates_tls12_from_the_server(cert_files: Any) -> 
     assert rotation.rotationSchedule.method == "renegotiation"
     # The client saw each renegotiation complete.
     assert one.client.renegotiationsSeen == rotation.rekeyStats.renegotiations == 3
+    one.close()
+
+
+def test_factory_wrapper_tls12_client_renegotiates_when_allowed(
+    cert_files: Any,
+) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=5, jitter=0)
+    server = RotatingFactory(
+        protocol.Factory.forProtocol(Echo), None, allowClientRenegotiation=True
+    )
+    client = RotatingFactory(
+        protocol.Factory.forProtocol(Lines), policy, renegotiateAsClient=True
+    )
+    one = Link(cert_files, clock, server, client, "1.2")
+    ours: Any = rekeyableFor(one.client)
+    theirs: Any = rekeyableFor(one.server)
+    for i in range(12):
+        one.client.transport.write(b"%d;" % i)
+        advance(clock, [one], 1, 1)
+    assert ours.rotationSchedule.rotations == 2
+    assert theirs.rekeyStats.renegotiations == ours.rekeyStats.renegotiations == 2
+    assert bytes(one.client.received) == b"".join(b"%d;" % i for i in range(12))
     one.close()
 
 

@@ -483,6 +483,8 @@ class _ConnectionRekeyer(RekeyProtocolMixin):
         self.transport: Any = tls
         self.rotationPolicy = factory.policy
         self.rotationGranularity = factory.granularity
+        self.allowClientRenegotiation = factory.allowClientRenegotiation
+        self.renegotiateAsClient = factory.renegotiateAsClient
         if factory.clock is not None:
             self.clock = factory.clock
 
@@ -622,11 +624,19 @@ class RotatingFactory:
     :param granularity: the width of a timer bucket in seconds; ``None``
         derives it from the policy (one second unless its interval is below
         four seconds).
+    :param allowClientRenegotiation: as a server, accept the
+        renegotiations clients start (TLS 1.2), as
+        :attr:`RekeyProtocolMixin.allowClientRenegotiation
+        <twisted_rekey.RekeyProtocolMixin.allowClientRenegotiation>`.
+    :param renegotiateAsClient: let a TLS 1.2 client's policy renegotiate,
+        as :attr:`RekeyProtocolMixin.renegotiateAsClient
+        <twisted_rekey.RekeyProtocolMixin.renegotiateAsClient>`.
 
     On TLS 1.2 a rotation is a renegotiation, and a client's is refused by
     OpenSSL 3 servers unless they allow it: the connection would then fail
     ("no renegotiation").  So a client-side policy leaves TLS 1.2
-    connections alone (logged once); rotate TLS 1.2 from the server side.
+    connections alone (logged once) unless *renegotiateAsClient*; rotate
+    TLS 1.2 from the server side.
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.2.0
@@ -635,7 +645,16 @@ class RotatingFactory:
        factory provides.
     """
 
-    _own = frozenset({"wrappedFactory", "policy", "clock", "granularity"})
+    _own = frozenset(
+        {
+            "wrappedFactory",
+            "policy",
+            "clock",
+            "granularity",
+            "allowClientRenegotiation",
+            "renegotiateAsClient",
+        }
+    )
 
     def __init__(
         self,
@@ -643,6 +662,9 @@ class RotatingFactory:
         policy: Optional[RotationPolicy],
         clock: Optional[IReactorTime] = None,
         granularity: Optional[float] = None,
+        *,
+        allowClientRenegotiation: bool = False,
+        renegotiateAsClient: bool = False,
     ) -> None:
         if policy is not None and not isinstance(policy, RotationPolicy):
             raise TypeError(
@@ -655,6 +677,8 @@ class RotatingFactory:
         self.policy = policy
         self.clock = clock
         self.granularity = granularity
+        self.allowClientRenegotiation = allowClientRenegotiation
+        self.renegotiateAsClient = renegotiateAsClient
         # Whatever the wrapped factory provides (IProtocolNegotiationFactory
         # above all: Twisted offers ALPN protocols only to a factory that
         # provides it), this one provides too.
@@ -689,6 +713,11 @@ class RotatingFactory:
             built.rotationGranularity = self.granularity
             if self.clock is not None:
                 built.clock = self.clock
+            # Only to switch on: a protocol's own class may have them set.
+            if self.allowClientRenegotiation:
+                built.allowClientRenegotiation = True
+            if self.renegotiateAsClient:
+                built.renegotiateAsClient = True
             return built
         _watchWhenConnected(built, self)
         return built
