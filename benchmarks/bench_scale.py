@@ -201,6 +201,8 @@ def server(args: argparse.Namespace) -> None:
             driver = w._rekeyWatcher.rotation
             stop = {id(policy), id(w), id(driver._clock), id(driver._scheduler)}
             stop.add(id(driver._timer.__func__))
+            # The connection's logger counts, not what it logs to or names.
+            stop |= {id(driver._log.observer), id(driver._log.source)}
             result["rotation_state_bytes"] = _deepSize(driver, set(), stop)
         print("READY", flush=True)
         reactor.callLater(args.warmup, startWindow)
