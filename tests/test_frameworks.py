@@ -285,6 +285,29 @@ class AMPServer(amp.AMP):
         return {"total": a + b}
 
 
+async def serverReadAll(rotation: Any, least: int) -> Any:
+    """
+    Check that the client's *rotation* sent at least *least* KeyUpdates, and
+    that the AMP server read them all; the server's rotation.
+    """
+    sent = rotation.rekeyStats.keyUpdatesSent
+    assert sent >= least, rotation.rekeyStats
+    (peer,) = AMPServer.connected
+    serverSide: Any = rekeyableFor(peer)
+    await until(lambda: serverSide.rekeyStats.keyUpdatesReceived == sent, "all")
+    return serverSide
+
+
+async def closeAMP(client: amp.AMP, port: Any) -> None:
+    client.transport.loseConnection()  # type: ignore[union-attr]
+    await port.stopListening()
+    # AMP drops its transport once the connection is lost.
+    await until(
+        lambda: AMPServer.connected[0].transport is None and client.transport is None,
+        "the close at both ends",
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_amp_over_endpoints(cert_files: Any, tmp_path: Path) -> None:
     from twisted.internet import reactor
@@ -311,21 +334,11 @@ async def test_amp_over_endpoints(cert_files: Any, tmp_path: Path) -> None:
             assert total == {"total": i + 1000}
             i += 1
             await sleep(0.02)
-        sent = rotation.rekeyStats.keyUpdatesSent
-        assert sent >= 5, rotation.rekeyStats
-        (peer,) = AMPServer.connected
-        serverSide: Any = rekeyableFor(peer)
         # The server read every one of them, and answered every call.
-        await until(lambda: serverSide.rekeyStats.keyUpdatesReceived == sent, "all")
+        serverSide = await serverReadAll(rotation, 5)
         assert serverSide.rekeyStats.bytesReceived == rotation.rekeyStats.bytesSent
     finally:
-        client.transport.loseConnection()
-        await port.stopListening()
-    # AMP drops its transport once the connection is lost.
-    await until(
-        lambda: AMPServer.connected[0].transport is None and client.transport is None,
-        "the close at both ends",
-    )
+        await closeAMP(client, port)
 
 
 class RekeyingAMP(RekeyProtocolMixin, amp.AMP):
@@ -354,18 +367,9 @@ async def test_amp_mixin_through_connect_protocol(
             data = b"%d" % i * 1000
             assert await client.callRemote(Echo, data=data) == {"data": data}
             await sleep(0.02)
-        sent = client.rekeyStats.keyUpdatesSent
-        assert sent >= 3, client.rekeyStats
-        (peer,) = AMPServer.connected
-        serverSide: Any = rekeyableFor(peer)
-        await until(lambda: serverSide.rekeyStats.keyUpdatesReceived == sent, "all")
+        await serverReadAll(client, 3)
     finally:
-        client.transport.loseConnection()
-        await port.stopListening()
-    await until(
-        lambda: AMPServer.connected[0].transport is None and client.transport is None,
-        "the close at both ends",
-    )
+        await closeAMP(client, port)
 
 
 # -- Perspective Broker --------------------------------------------------------

@@ -315,7 +315,9 @@ def plain_echo_server() -> Iterator[int]:
         thread.join(10)
 
 
-def test_tunnel_tls_in_front_of_plain_service(tmp_path: Path) -> None:
+@contextmanager
+def tls_tunnel_to_plain_echo(tmp_path: Path, *args: str) -> Iterator[Twistd]:
+    """``rekey-tunnel``, TLS in, to a plain TCP echo on loopback."""
     with (
         plain_echo_server() as backend,
         twistd(
@@ -327,9 +329,14 @@ def test_tunnel_tls_in_front_of_plain_service(tmp_path: Path) -> None:
             f"tcp:127.0.0.1:{backend}",
             "--state-dir",
             str(tmp_path / "state"),
-            *FAST,
+            *args,
         ) as tunnel,
     ):
+        yield tunnel
+
+
+def test_tunnel_tls_in_front_of_plain_service(tmp_path: Path) -> None:
+    with tls_tunnel_to_plain_echo(tmp_path, *FAST) as tunnel:
         lines = run_echo_client(
             tunnel.port,
             tmp_path / "state" / "localhost.pem",
@@ -608,19 +615,7 @@ def test_echo_accepts_a_default_curl(tmp_path: Path) -> None:
 
 
 def test_tunnel_accepts_a_default_curl(tmp_path: Path) -> None:
-    with (
-        plain_echo_server() as backend,
-        twistd(
-            tmp_path,
-            "rekey-tunnel",
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--connect",
-            f"tcp:127.0.0.1:{backend}",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ) as tunnel,
-    ):
+    with tls_tunnel_to_plain_echo(tmp_path) as tunnel:
         default_curl(tunnel.port, tmp_path / "state" / "localhost.pem")
         tunnel.wait_for(r"closed: KeyUpdates sent .*; closed cleanly")
 

@@ -514,6 +514,17 @@ def test_no_policy_no_schedule(cert_files: Any) -> None:
 # -- the factory wrapper -----------------------------------------------------------
 
 
+def echoTicking(one: Link, clock: task.Clock, seconds: int) -> bytes:
+    """Write from the client once a second for *seconds*; what was written."""
+    sent = b""
+    for i in range(seconds):
+        chunk = b"%d," % i
+        sent += chunk
+        one.client.transport.write(chunk)
+        advance(clock, [one], 1, 1)
+    return sent
+
+
 @implementer(IHandshakeListener)
 class Listening(Echo):
     handshakes = 0
@@ -537,12 +548,7 @@ def test_factory_wrapper_on_unchanged_echo(cert_files: Any) -> None:
     assert isinstance(rotation, RekeyProtocolMixin)
     assert IRekeyable.providedBy(rotation)
     assert not isinstance(app, RekeyProtocolMixin)
-    sent = b""
-    for i in range(60):
-        chunk = b"%d," % i
-        sent += chunk
-        one.client.transport.write(chunk)
-        advance(clock, [one], 1, 1)
+    sent = echoTicking(one, clock, 60)
     assert one.client.received == sent
     rotations = rotation.rotationSchedule.rotations
     assert 5 <= rotations <= 7
@@ -574,13 +580,7 @@ def test_factory_wrapper_renegotiates_tls12_from_the_server(cert_files: Any) -> 
     )
     one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer), "1.2")
     rotation: Any = rekeyableFor(one.server)
-    sent = b""
-    for i in range(35):
-        chunk = b"%d;" % i
-        sent += chunk
-        one.client.transport.write(chunk)
-        advance(clock, [one], 1, 1)
-    assert one.client.received == sent
+    assert one.client.received == echoTicking(one, clock, 35)
     assert rotation.rotationSchedule.method == "renegotiation"
     # The client saw each renegotiation complete.
     assert one.client.renegotiationsSeen == rotation.rekeyStats.renegotiations == 3
