@@ -134,7 +134,7 @@ def server(args: argparse.Namespace) -> None:
     from twisted.protocols.tls import TLSMemoryBIOFactory
     from twisted.protocols.wire import Echo
 
-    from twisted_rekey import RotatingFactory, RotationPolicy
+    from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
 
     certs = Path(args.certs)
     pem = (certs / "server.pem").read_bytes()
@@ -195,12 +195,14 @@ def server(args: argparse.Namespace) -> None:
         gc.collect()
         result["rss_per_connection"] = (_rss() - rssBefore) / handshakes
         for p in built:
-            wrappers.append(p.wrappedProtocol)
+            wrappers.append(rekeyableFor(p.wrappedProtocol) or p.wrappedProtocol)
         if policy is not None:
             w = wrappers[0]
             driver = w._rekeyWatcher.rotation
             stop = {id(policy), id(w), id(driver._clock), id(driver._scheduler)}
             stop.add(id(driver._timer.__func__))
+            # The connection's logger counts, not what it logs to or names.
+            stop |= {id(driver._log.observer), id(driver._log.source)}
             result["rotation_state_bytes"] = _deepSize(driver, set(), stop)
         print("READY", flush=True)
         reactor.callLater(args.warmup, startWindow)

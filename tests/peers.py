@@ -145,6 +145,7 @@ _PACKAGES = {
     "java": "default-jdk-headless",
     "javac": "default-jdk-headless",
     "node": "nodejs",
+    "curl": "curl",
 }
 
 #: ``-msg`` output of s_server/s_client on *receiving* a KeyUpdate.

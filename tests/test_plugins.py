@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from peers import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -314,7 +315,9 @@ def plain_echo_server() -> Iterator[int]:
         thread.join(10)
 
 
-def test_tunnel_tls_in_front_of_plain_service(tmp_path: Path) -> None:
+@contextmanager
+def tls_tunnel_to_plain_echo(tmp_path: Path, *args: str) -> Iterator[Twistd]:
+    """``rekey-tunnel``, TLS in, to a plain TCP echo on loopback."""
     with (
         plain_echo_server() as backend,
         twistd(
@@ -326,9 +329,14 @@ def test_tunnel_tls_in_front_of_plain_service(tmp_path: Path) -> None:
             f"tcp:127.0.0.1:{backend}",
             "--state-dir",
             str(tmp_path / "state"),
-            *FAST,
+            *args,
         ) as tunnel,
     ):
+        yield tunnel
+
+
+def test_tunnel_tls_in_front_of_plain_service(tmp_path: Path) -> None:
+    with tls_tunnel_to_plain_echo(tmp_path, *FAST) as tunnel:
         lines = run_echo_client(
             tunnel.port,
             tmp_path / "state" / "localhost.pem",
@@ -564,3 +572,64 @@ def test_default_certificate_reused_and_renewed(tmp_path: Path) -> None:
         "127.0.0.1",
         "::1",
     }
+
+
+def default_curl(port: int, cafile: Path) -> None:
+    """
+    Fetch from a plugin's TLS side with curl's defaults (ALPN offering h2
+    and http/1.1), through to an echo: the request must come back.
+    """
+    # The plugins speak no ALPN protocol, and must ignore the offer rather
+    # than fail the handshake (Twisted 26.x alone answers internal_error).
+    curl = require_tool("curl")
+    done = subprocess.run(
+        [
+            curl,
+            "--verbose",
+            "--silent",
+            "--http0.9",
+            "--max-time",
+            "3",
+            "--cacert",
+            str(cafile),
+            f"https://127.0.0.1:{port}/echo-this",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert "ALPN: offers" in done.stderr, done.stderr
+    assert "internal error" not in done.stderr, done.stderr
+    assert "ALPN: server did not agree" in done.stderr, done.stderr
+    # The request came back through TLS: an echo (no HTTP server) keeps
+    # the connection open, so curl stops at --max-time.
+    assert "GET /echo-this HTTP/1.1" in done.stdout, done.stderr
+    assert done.returncode in (0, 28), done.stderr
+
+
+def test_echo_accepts_a_default_curl(tmp_path: Path) -> None:
+    with rekey_echo(tmp_path) as server:
+        default_curl(server.port, tmp_path / "state" / "localhost.pem")
+        # Why the connection ended is logged, not only its figures.
+        server.wait_for(r"closed: KeyUpdates sent .*; closed cleanly")
+
+
+def test_tunnel_accepts_a_default_curl(tmp_path: Path) -> None:
+    with tls_tunnel_to_plain_echo(tmp_path) as tunnel:
+        default_curl(tunnel.port, tmp_path / "state" / "localhost.pem")
+        tunnel.wait_for(r"closed: KeyUpdates sent .*; closed cleanly")
+
+
+def test_echo_logs_why_a_connection_failed(tmp_path: Path) -> None:
+    # A client that does not trust the certificate aborts the handshake:
+    # the echo names the alert it received.
+    curl = require_tool("curl")
+    with rekey_echo(tmp_path) as server:
+        done = subprocess.run(
+            [curl, "--silent", "--max-time", "5", f"https://127.0.0.1:{server.port}/"],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        assert done.returncode != 0
+        server.wait_for(r"closed: .*; TLS failure: .*alert")

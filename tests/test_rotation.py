@@ -12,21 +12,27 @@ from typing import Any
 
 import pytest
 from test_protocol import Events, Peer, _client_options, _result, _server_options
+from test_rotation_loopback import Lines
 from twisted.internet import protocol, task
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+)
 from twisted.logger import globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.protocols.wire import Echo
 from twisted.test import iosim
 from zope.interface import implementer
 
 import twisted_rekey
 from twisted_rekey import (
+    IRekeyable,
     RekeyProtocolMixin,
     RotatingFactory,
-    RotatingProtocol,
     RotationPolicy,
     RotationScheduler,
+    rekeyableFor,
 )
 from twisted_rekey._rotation import granularityFor, schedulerFor
 
@@ -510,6 +516,17 @@ def test_no_policy_no_schedule(cert_files: Any) -> None:
 # -- the factory wrapper -----------------------------------------------------------
 
 
+def echoTicking(one: Link, clock: task.Clock, seconds: int) -> bytes:
+    """Write from the client once a second for *seconds*; what was written."""
+    sent = b""
+    for i in range(seconds):
+        chunk = b"%d," % i
+        sent += chunk
+        one.client.transport.write(chunk)
+        advance(clock, [one], 1, 1)
+    return sent
+
+
 @implementer(IHandshakeListener)
 class Listening(Echo):
     handshakes = 0
@@ -524,24 +541,183 @@ def test_factory_wrapper_on_unchanged_echo(cert_files: Any) -> None:
     policy = RotationPolicy(interval=10, jitter=0.1)
     factory = RotatingFactory(inner, policy)
     one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
-    wrapper = one.server
-    assert isinstance(wrapper, RotatingProtocol)
-    assert isinstance(wrapper, RekeyProtocolMixin)
-    assert type(wrapper.wrappedProtocol) is Listening
-    assert wrapper.wrappedProtocol.handshakes == 1
-    sent = b""
-    for i in range(60):
-        chunk = b"%d," % i
-        sent += chunk
-        one.client.transport.write(chunk)
-        advance(clock, [one], 1, 1)
+    # Nothing in between: the application's own protocol, on Twisted's TLS.
+    app = one.server
+    assert type(app) is Listening
+    assert isinstance(app.transport, TLSMemoryBIOProtocol)
+    assert app.handshakes == 1
+    rotation = rekeyableFor(app)
+    assert isinstance(rotation, RekeyProtocolMixin)
+    assert IRekeyable.providedBy(rotation)
+    assert not isinstance(app, RekeyProtocolMixin)
+    sent = echoTicking(one, clock, 60)
     assert one.client.received == sent
-    rotations = wrapper.rotationSchedule.rotations
+    rotations = rotation.rotationSchedule.rotations
     assert 5 <= rotations <= 7
-    assert len(one.client.updates) == rotations == wrapper.rekeyStats.keyUpdatesSent
+    assert len(one.client.updates) == rotations == rotation.rekeyStats.keyUpdatesSent
+    # Counted where the bytes leave TLS, without touching the protocol.
+    assert rotation.rekeyStats.bytesReceived == len(sent)
+    assert rotation.rekeyStats.bytesSent == len(sent)
+    assert "dataReceived" not in vars(app) and "makeConnection" not in vars(app)
     one.close()
     assert clock.getDelayedCalls() == []
-    assert factory.protocols == {}
+
+
+@implementer(IHandshakeListener)
+class Hooked(Echo):
+    def connectionMade(self) -> None:
+        self.updates: list[bool] = []
+
+    def handshakeCompleted(self) -> None:
+        pass
+
+    def keyUpdateReceived(self, updateRequested: bool) -> None:
+        self.updates.append(updateRequested)
+
+
+def test_factory_wrapper_renegotiates_tls12_from_the_server(cert_files: Any) -> None:
+    clock = task.Clock()
+    factory = RotatingFactory(
+        protocol.Factory.forProtocol(Echo), RotationPolicy(interval=10, jitter=0)
+    )
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer), "1.2")
+    rotation: Any = rekeyableFor(one.server)
+    assert one.client.received == echoTicking(one, clock, 35)
+    assert rotation.rotationSchedule.method == "renegotiation"
+    # The client saw each renegotiation complete.
+    assert one.client.renegotiationsSeen == rotation.rekeyStats.renegotiations == 3
+    one.close()
+
+
+def test_factory_wrapper_tls12_client_renegotiates_when_allowed(
+    cert_files: Any,
+) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=5, jitter=0)
+    server = RotatingFactory(
+        protocol.Factory.forProtocol(Echo), None, allowClientRenegotiation=True
+    )
+    client = RotatingFactory(
+        protocol.Factory.forProtocol(Lines), policy, renegotiateAsClient=True
+    )
+    one = Link(cert_files, clock, server, client, "1.2")
+    ours: Any = rekeyableFor(one.client)
+    theirs: Any = rekeyableFor(one.server)
+    for i in range(12):
+        one.client.transport.write(b"%d;" % i)
+        advance(clock, [one], 1, 1)
+    assert ours.rotationSchedule.rotations == 2
+    assert theirs.rekeyStats.renegotiations == ours.rekeyStats.renegotiations == 2
+    assert bytes(one.client.received) == b"".join(b"%d;" % i for i in range(12))
+    one.close()
+
+
+def test_factory_wrapper_calls_the_protocols_hooks(cert_files: Any) -> None:
+    clock = task.Clock()
+    factory = RotatingFactory(protocol.Factory.forProtocol(Hooked), None)
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
+    one.client.keyUpdate(requestPeer=True)
+    one.pump.flush()
+    assert one.server.updates == [True]
+    stats = rekeyableFor(one.server).rekeyStats  # type: ignore[union-attr]
+    assert stats.keyUpdatesReceived == 1 and stats.keyUpdatesSent == 1
+    assert one.client.updates == [False]
+    one.close()
+
+
+def test_factory_wrapper_forwards_the_factory(cert_files: Any) -> None:
+    calls: list[str] = []
+
+    @implementer(IProtocolNegotiationFactory)
+    class Client(protocol.ClientFactory):
+        protocol = Echo
+        noisy = False
+
+        def startFactory(self) -> None:
+            calls.append("start")
+
+        def stopFactory(self) -> None:
+            calls.append("stop")
+
+        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+            calls.append("failed")
+
+        def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+            calls.append("lost")
+
+        def acceptableProtocols(self) -> list[bytes]:
+            return [b"x-test"]
+
+        def logPrefix(self) -> str:
+            return "ClientLog"
+
+    inner = Client()
+    factory: Any = RotatingFactory(inner, RotationPolicy(interval=60))
+    for interface in (IProtocolNegotiationFactory, IProtocolFactory):
+        assert interface.providedBy(factory)
+    assert factory.acceptableProtocols() == [b"x-test"]
+    assert factory.logPrefix() == "ClientLog" and factory.noisy is False
+    factory.doStart()
+    factory.doStop()
+    factory.clientConnectionFailed(None, None)
+    factory.clientConnectionLost(None, None)
+    assert calls == ["start", "stop", "failed", "lost"]
+    assert inner.numPorts == 0
+    # Written through too.
+    factory.noisy = True
+    assert inner.noisy is True
+    assert factory.policy.interval == 60
+
+    class Nothing(protocol.Factory):
+        def buildProtocol(self, addr: Any) -> None:
+            return None
+
+    assert RotatingFactory(Nothing(), None).buildProtocol(None) is None
+
+
+class Slotted:
+    """An IProtocol that takes no instance attributes."""
+
+    __slots__ = ("transport",)
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+def test_factory_wrapper_says_when_it_cannot_watch(events: Events) -> None:
+    class Factory(protocol.Factory):
+        def buildProtocol(self, addr: Any) -> Any:
+            return Slotted()
+
+    built = RotatingFactory(Factory(), RotationPolicy(interval=60)).buildProtocol(None)
+    # Handed over all the same, with a warning instead of a rotation.
+    assert type(built) is Slotted
+    (event,) = [e for e in events.events if e["rekey_event"] == "rotation_unavailable"]
+    assert event["protocol"] is built
+
+
+def test_mixin_protocol_gets_the_policy(cert_files: Any) -> None:
+    clock = task.Clock()
+    policy = RotationPolicy(interval=10, jitter=0.1)
+    factory = RotatingFactory(protocol.Factory.forProtocol(Peer), policy)
+    one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
+    assert type(one.server) is Peer and one.server.rotationPolicy is policy
+    assert rekeyableFor(one.server) is one.server
+    assert rekeyableFor(one.server.transport) is one.server
+    one.close()
+
+
+def test_rotating_protocol_is_deprecated() -> None:
+    with pytest.warns(DeprecationWarning, match="rekeyableFor"):
+        cls = twisted_rekey.RotatingProtocol
+    assert issubclass(cls, RekeyProtocolMixin)
+    assert "RotatingProtocol" not in twisted_rekey.__all__
 
 
 def test_factory_wrapper_checks_arguments() -> None:
@@ -556,14 +732,16 @@ def test_factory_wrapper_without_policy_can_rekey(cert_files: Any) -> None:
     clock = task.Clock()
     factory = RotatingFactory(protocol.Factory.forProtocol(Echo), None)
     one = Link(cert_files, clock, factory, protocol.Factory.forProtocol(Peer))
-    done = _result(one.server.rekey())
+    rotation: Any = rekeyableFor(one.server)
+    done = _result(rotation.rekey())
     one.pump.flush()
     assert done == [None] and one.client.updates == [False]
-    assert one.server.rotationSchedule is None
+    assert rotation.rotationSchedule is None
+    assert rekeyableFor(Echo()) is None
     one.close()
 
 
 def test_lazy_exports() -> None:
-    for name in ("RotatingFactory", "RotatingProtocol"):
+    for name in ("RotatingFactory", "rekeyableFor", "allowALPNWithoutProtocols"):
         assert name in twisted_rekey.__all__
         assert name in dir(twisted_rekey)

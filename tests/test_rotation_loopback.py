@@ -15,7 +15,7 @@ from test_protocol import TIMEOUT, Peer, _client_options, _server_options
 from twisted.internet import defer, protocol, task
 from twisted.protocols.wire import Echo
 
-from twisted_rekey import RotatingFactory, RotationPolicy
+from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
 
 
 def fast() -> RotationPolicy:
@@ -39,7 +39,16 @@ async def until(check: Any, what: str, timeout: float = TIMEOUT) -> None:
 async def test_rotating_every_100ms_while_echoing(cert_files: Any) -> None:
     from twisted.internet import reactor
 
-    factory = RotatingFactory(protocol.Factory.forProtocol(Echo), fast())
+    echoes: list[Echo] = []
+
+    class Recorded(Echo):
+        def connectionMade(self) -> None:
+            echoes.append(self)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            echoes.remove(self)
+
+    factory = RotatingFactory(protocol.Factory.forProtocol(Recorded), fast())
     port = reactor.listenSSL(
         0, factory, _server_options(cert_files, "1.3"), interface="127.0.0.1"
     )
@@ -54,7 +63,8 @@ async def test_rotating_every_100ms_while_echoing(cert_files: Any) -> None:
     )
     client = await built.addTimeout(TIMEOUT, reactor)
     try:
-        (server,) = factory.protocols
+        (echo,) = echoes
+        server: Any = rekeyableFor(echo)
         sent = bytearray()
         started = time.monotonic()
         i = 0
@@ -81,7 +91,7 @@ async def test_rotating_every_100ms_while_echoing(cert_files: Any) -> None:
         client.transport.loseConnection()  # type: ignore[union-attr]
         await client.lostDeferred.addTimeout(TIMEOUT, reactor)
         await port.stopListening()
-    await until(lambda: not factory.protocols, "the server side to close")
+    await until(lambda: not echoes, "the server side to close")
     assert not [c for c in reactor.getDelayedCalls() if "RotationScheduler" in repr(c)]
 
 
@@ -100,14 +110,21 @@ async def test_openssl_server_logs_each_scheduled_rotation(cert_files: Any) -> N
     from twisted.internet import reactor
 
     with OpenSSLServer(cert_files, version="1.3") as peer:
-        factory = RotatingFactory(protocol.ClientFactory.forProtocol(Lines), fast())
+        built: list[Lines] = []
+
+        class Recorded(Lines):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                built.append(self)
+
+        factory = RotatingFactory(protocol.ClientFactory.forProtocol(Recorded), fast())
         reactor.connectSSL(
             peer.host, peer.port, factory, _client_options(cert_files), timeout=5
         )
-        await until(lambda: factory.protocols, "the connection")
-        (wrapper,) = factory.protocols
+        await until(lambda: built, "the connection")
+        (app,) = built
+        wrapper: Any = rekeyableFor(app)
         await until(lambda: wrapper.rotationSchedule is not None, "the handshake")
-        app = wrapper.wrappedProtocol
         lines = [b"line %03d of the rotating client" % i for i in range(40)]
         for line in lines:
             app.transport.write(line + b"\n")
@@ -125,6 +142,159 @@ async def test_openssl_server_logs_each_scheduled_rotation(cert_files: Any) -> N
         # And its data still reaches us under the keys it has now.
         peer.send_line("reply from s_server")
         await until(lambda: b"reply from s_server\n" in app.received, "the reply")
-        wrapper.transport.loseConnection()
-        await until(lambda: not factory.protocols, "the close")
+        lost = app.transport
+        lost.loseConnection()  # type: ignore[union-attr]
+        await until(lambda: not lost.connected, "the close")  # type: ignore[union-attr]
     assert not [c for c in reactor.getDelayedCalls() if "RotationScheduler" in repr(c)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_connections_events_name_their_connection(cert_files: Any) -> None:
+    from twisted.internet import reactor
+    from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "rekey_event" in event:
+            events.append(event)
+
+    factory = RotatingFactory(protocol.Factory.forProtocol(Echo), None)
+    port = reactor.listenSSL(
+        0, factory, _server_options(cert_files, "1.3"), interface="127.0.0.1"
+    )
+    clients: list[Peer] = []
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(2):
+            built: defer.Deferred[Peer] = defer.Deferred()
+
+            class Client(Peer):
+                onHandshake = built
+
+            reactor.connectSSL(
+                "127.0.0.1",
+                port.getHost().port,
+                protocol.ClientFactory.forProtocol(Client),
+                _client_options(cert_files),
+                timeout=5,
+            )
+            clients.append(await built.addTimeout(TIMEOUT, reactor))
+        ports = [f"127.0.0.1:{c.transport.getHost().port}" for c in clients]  # type: ignore[union-attr]
+        for client in clients:
+            await client.keyUpdate(requestPeer=True, timeout=TIMEOUT)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        for client in clients:
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            await client.lostDeferred.addTimeout(TIMEOUT, reactor)
+        await port.stopListening()
+
+    def server(name: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in events
+            if e["rekey_event"] == name and not isinstance(e["log_source"], Peer)
+        ]
+
+    received = server("key_update_received")
+    answered = server("key_update_answered")
+    assert len(received) == len(answered) == 2
+    # Two connections, two identities: the server's echo protocols, their
+    # numbers and their peers (each client's own port).
+    assert received[0]["log_source"] is not received[1]["log_source"]
+    assert all(isinstance(e["log_source"], Echo) for e in received)
+    assert received[0]["connection"] != received[1]["connection"]
+    assert [e["peer"] for e in received] == ports
+    for r, a in zip(received, answered):
+        assert (a["connection"], a["peer"]) == (r["connection"], r["peer"])
+        # In wire order: the peer's KeyUpdate, then our answer.
+        assert events.index(r) < events.index(a)
+        text = formatEventAsClassicLogText(r)
+        assert text is not None and f"[Echo,{r['connection']},{r['peer']}]" in text
+    # The clients' events name theirs too.
+    mine = [e for e in events if e["rekey_event"] == "key_update_sent"]
+    assert {e["log_source"] for e in mine} == set(clients)
+
+
+class StartTLSEcho(Echo):
+    """Echoes; turns TLS when the client says STARTTLS."""
+
+    options: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"STARTTLS\n":
+            self.transport.write(b"GO\n")  # type: ignore[union-attr]
+            self.transport.startTLS(self.options)  # type: ignore[union-attr]
+        else:
+            super().dataReceived(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_and_wrapclienttls(cert_files: Any) -> None:
+    from twisted.internet import endpoints, reactor
+
+    StartTLSEcho.options = _server_options(cert_files, "1.3")
+    built: list[StartTLSEcho] = []
+
+    class Recorded(StartTLSEcho):
+        def connectionMade(self) -> None:
+            built.append(self)
+
+    port = reactor.listenTCP(
+        0,
+        RotatingFactory(protocol.Factory.forProtocol(Recorded), None),
+        interface="127.0.0.1",
+    )
+    try:
+        # startTLS: the rotation starts with the TLS handshake.
+        handshake: defer.Deferred[Peer] = defer.Deferred()
+
+        class Client(Peer):
+            onHandshake = handshake
+
+            def dataReceived(self, data: bytes) -> None:
+                if data == b"GO\n":
+                    self.transport.startTLS(_client_options(cert_files))  # type: ignore[union-attr]
+                else:
+                    super().dataReceived(data)
+
+        client = await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+            Client(),
+        )
+        assert rekeyableFor(built[0]) is None  # not TLS yet
+        client.transport.write(b"STARTTLS\n")  # type: ignore[union-attr]
+        await handshake.addTimeout(TIMEOUT, reactor)
+        # The server's rotation answers our request.
+        await client.keyUpdate(requestPeer=True, timeout=TIMEOUT)
+        rotation: Any = rekeyableFor(built[0])
+        assert rotation.rekeyStats.keyUpdatesReceived == 1
+        assert rotation.rekeyStats.keyUpdatesSent == 1
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.lostDeferred.addTimeout(TIMEOUT, reactor)
+    finally:
+        await port.stopListening()
+
+    # wrapClientTLS, against openssl s_server: the client's own protocol,
+    # rotating on its policy, and s_server reads each KeyUpdate.
+    with OpenSSLServer(cert_files, version="1.3") as peer:
+        endpoint = endpoints.wrapClientTLS(
+            _client_options(cert_files),
+            endpoints.TCP4ClientEndpoint(reactor, peer.host, peer.port),
+        )
+        app = await endpoint.connect(
+            RotatingFactory(protocol.Factory.forProtocol(Lines), fast())
+        )
+        assert type(app) is Lines
+        wrapper: Any = rekeyableFor(app)
+        for i in range(20):
+            app.transport.write(b"line %03d\n" % i)  # type: ignore[union-attr]
+            await sleep(0.05)
+        await peer.when_seen("^line 019$", reactor=reactor)
+        rotations = wrapper.rotationSchedule.rotations
+        assert rotations >= 5
+        await until(lambda: len(peer.key_updates_received()) >= rotations, "s_server")
+        lost = app.transport
+        lost.loseConnection()  # type: ignore[union-attr]
+        await until(lambda: not lost.connected, "the close")  # type: ignore[union-attr]

@@ -60,12 +60,14 @@ from .exceptions import (
 if TYPE_CHECKING:
     # What the lazy names below are, for type checkers (not imported at run
     # time: they import Twisted).
+    from ._alpn import allowALPNWithoutProtocols as allowALPNWithoutProtocols
     from ._interfaces import IRekeyable as IRekeyable
     from ._metrics import RekeyMetrics as RekeyMetrics
     from ._protocol import RekeyProtocolMixin as RekeyProtocolMixin
     from ._protocol import RekeyStats as RekeyStats
     from ._rotation import RotatingFactory as RotatingFactory
     from ._rotation import RotatingProtocol as RotatingProtocol
+    from ._rotation import rekeyableFor as rekeyableFor
     from ._scheduler import RotationScheduler as RotationScheduler
 
 _LAZY: dict[str, str] = {
@@ -76,6 +78,17 @@ _LAZY: dict[str, str] = {
     "RotatingFactory": "._rotation",
     "RotatingProtocol": "._rotation",
     "RotationScheduler": "._scheduler",
+    "allowALPNWithoutProtocols": "._alpn",
+    "rekeyableFor": "._rotation",
+}
+
+# Still importable, but no longer part of what a star-import brings.
+_DEPRECATED: dict[str, str] = {
+    "RotatingProtocol": (
+        "twisted_rekey.RotatingProtocol is deprecated since 0.2.0: "
+        "RotatingFactory returns the application's own protocol, and "
+        "rekeyableFor(protocol) reaches its rotation"
+    ),
 }
 
 
@@ -92,6 +105,13 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(module, __name__), name)
+    deprecation = _DEPRECATED.get(name)
+    if deprecation is not None:
+        # Not cached in globals(): every access warns.
+        import warnings
+
+        warnings.warn(deprecation, DeprecationWarning, stacklevel=2)
+        return value
     globals()[name] = value
     return value
 
@@ -128,7 +148,6 @@ __all__ = [
     "RenegotiationRateLimited",
     "Resolution",
     "RotatingFactory",
-    "RotatingProtocol",
     "RotationAction",
     "RotationPolicy",
     "RotationSchedule",
@@ -136,6 +155,7 @@ __all__ = [
     "WrongProtocolVersion",
     "__version__",
     "aead_record_limit",
+    "allowALPNWithoutProtocols",
     "allow_client_renegotiation",
     "capabilities",
     "get_key_update_type",
@@ -143,6 +163,7 @@ __all__ = [
     "key_update",
     "protocol_version",
     "rekey",
+    "rekeyableFor",
     "renegotiate",
     "renegotiate_abbreviated",
     "renegotiate_pending",

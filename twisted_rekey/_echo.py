@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Optional, cast
 
+from OpenSSL import SSL
 from twisted.application import service
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -41,7 +43,14 @@ from ._tap import (
     parseSeconds,
 )
 
-__all__ = ["DEFAULT_ENDPOINT", "EchoFactory", "EchoProtocol", "Options", "makeService"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "EchoFactory",
+    "EchoProtocol",
+    "Options",
+    "describeReason",
+    "makeService",
+]
 
 _log = Logger()
 
@@ -66,6 +75,23 @@ def describeStats(protocol: RekeyProtocolMixin) -> str:
         f"renegotiations {stats.renegotiations}; "
         f"bytes received {stats.bytesReceived}, sent {stats.bytesSent}"
     )
+
+
+def describeReason(reason: Failure) -> str:
+    """
+    Why a connection ended, in one line: a clean close, the TLS alert or
+    failure OpenSSL reported (``tlsv1 alert internal error``), or the error.
+    """
+    if reason.check(ConnectionDone):  # type: ignore[no-untyped-call]
+        return "closed cleanly"
+    value = reason.value
+    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
+        # [(library, function, reason), ...]: the reasons say what happened.
+        reasons = [str(e[-1]) for e in value.args[0] if isinstance(e, tuple) and e]
+        if reasons:
+            return "TLS failure: " + "; ".join(reasons)
+    message = reason.getErrorMessage()
+    return f"{type(value).__name__}: {message}" if message else type(value).__name__
 
 
 def describeTLS(transport: Any) -> str:
@@ -111,10 +137,11 @@ class EchoProtocol(RekeyProtocolMixin, Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         _log.info(
-            "{command}: {peer} closed: {stats}",
+            "{command}: {peer} closed: {stats}; {why}",
             command=COMMAND,
             peer=self.peerName,
             stats=describeStats(self),
+            why=describeReason(reason),
         )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import count
 from time import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
@@ -103,9 +104,32 @@ class _Logger(Logger):
         else:
             self._publish(LogLevel.info, format, kwargs)
 
+    #: Keys every event of this logger carries: one connection's identity
+    #: (see :meth:`forConnection`), ``None`` for the module's logger.
+    fields: dict[str, object] | None = None
+
+    def forConnection(self, source: object, connection: int, peer: str) -> _Logger:
+        """
+        A logger for one connection: its events have *source* (the
+        application's protocol) as ``log_source``, and carry *connection*
+        (a number unique in this process) and *peer* (the peer's address);
+        their ``log_system`` reads as Twisted's own connection prefixes do
+        (``Echo,3,127.0.0.1:4433``), so text logs name the connection too.
+        """
+        log = _Logger(self.namespace, source, self.observer)
+        log.fields = {
+            "log_system": f"{type(source).__name__},{connection},{peer}",
+            "connection": connection,
+            "peer": peer,
+        }
+        return log
+
     def _publish(
         self, level: LogLevel, format: str | None, event: dict[str, object]
     ) -> None:
+        fields = self.fields
+        if fields is not None:
+            event.update(fields)
         # What Logger.emit adds, in the same keys.
         event["log_logger"] = self
         event["log_level"] = level
@@ -119,6 +143,23 @@ class _Logger(Logger):
 
 
 _log = _Logger()
+
+#: Numbers the connections in log events.
+_connectionNumbers = count(1)
+
+
+def _describePeer(tls: Any) -> str:
+    """The peer's address as ``host:port`` (``[host]:port`` for IPv6)."""
+    try:
+        peer = tls.transport.getPeer()
+    except Exception:
+        return "?"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is None or port is None:
+        return str(peer)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 # TLS alert no_renegotiation (RFC 5246 §7.2.2).
 _ALERT_NO_RENEGOTIATION = 100
@@ -203,6 +244,10 @@ class _Watcher:
         self.tls = tls
         self.conn = conn
         self.clock = clock
+        #: This connection's logger: every event names the connection.
+        self.log = _log.forConnection(
+            owner._rekeyApplication(), next(_connectionNumbers), _describePeer(tls)
+        )
         # SSL_is_server where it can be reached (a watcher may attach after
         # the handshake, as after startTLS); the info callback's *where* bits
         # otherwise, once a handshake message passes.
@@ -291,8 +336,7 @@ class _Watcher:
         tls.connectionLost = self.connectionLost  # type: ignore[method-assign]
         tls._write = self.write  # type: ignore[method-assign]
         tls._bufferedWrite = self.bufferedWrite  # type: ignore[method-assign]
-        protocol: Any = owner
-        protocol.dataReceived = self.wrapAppData(protocol.dataReceived)
+        owner._rekeyCountReceived(self)
 
     # -- inside OpenSSL: record only, never raise, never call SSL_* that
     # -- could re-enter the state machine.
@@ -494,7 +538,7 @@ class _Watcher:
             if self.tls._appSendBuffer:
                 self.tls._unbufferPendingWrites()
             return
-        _log.error(
+        self.log.error(
             "the renegotiation did not complete within {timeout} s; "
             "closing the connection",
             rekey_event="renegotiation_stuck",
@@ -535,7 +579,7 @@ class _Watcher:
         try:
             self.owner._rekeyConnectionLost(reason)
         except Exception:
-            _log.failure("in _rekeyConnectionLost", rekey_event="hook_error")
+            self.log.failure("in _rekeyConnectionLost", rekey_event="hook_error")
 
     # -- after the read: act on what the callback recorded
 
@@ -546,14 +590,14 @@ class _Watcher:
         self.dirty = False
         chained, self.previousErrors = self.previousErrors, []
         for error in chained:
-            _log.failure(
+            self.log.failure(
                 "the info callback twisted_rekey chains to raised",
                 Failure(error),  # type: ignore[no-untyped-call]
                 rekey_event="chained_callback_error",
             )
         errors, self.callbackErrors = self.callbackErrors, []
         for error in errors:
-            _log.failure(
+            self.log.failure(
                 "twisted_rekey's info callback failed",
                 Failure(error),  # type: ignore[no-untyped-call]
                 rekey_event="callback_error",
@@ -566,6 +610,14 @@ class _Watcher:
             self.noteHandshake()
 
         updates, self.peerUpdates = self.peerUpdates, []
+        # Logged in wire order: what the peer sent, then our answer.
+        for number, requested in enumerate(updates, self.received + 1):
+            self.log.info(
+                "peer sent a KeyUpdate (update_requested={requested})",
+                rekey_event="key_update_received",
+                requested=requested,
+                count=number,
+            )
         if updates and answer and any(updates) and not self.closing():
             self.answer()
         fire: list[_Waiter] = []
@@ -575,12 +627,6 @@ class _Watcher:
             self.lastRotation = self.clock.seconds()
             if self.rotation is not None:
                 self.rotation.peerRotated(requested)
-            _log.info(
-                "peer sent a KeyUpdate (update_requested={requested})",
-                rekey_event="key_update_received",
-                requested=requested,
-                count=self.received,
-            )
             if self.requestOutstanding:
                 self.requestOutstanding = False
                 fire += self.peerWaiters
@@ -595,7 +641,7 @@ class _Watcher:
 
         if self.floodReason is not None and not self.lost:
             reason, self.floodReason = self.floodReason, None
-            _log.warn(
+            self.log.warn(
                 "dropping a peer that floods KeyUpdates: {reason}",
                 rekey_event="key_update_flood",
                 reason=reason,
@@ -613,14 +659,14 @@ class _Watcher:
                         "does not allow (allowClientRenegotiation is off)"
                     )
                 self.noteClientRenegotiation()
-            _log.info(
+            self.log.info(
                 "peer started a renegotiation",
                 rekey_event="renegotiation_started_by_peer",
             )
 
         if self.abuseReason is not None and not self.lost:
             reason, self.abuseReason = self.abuseReason, None
-            _log.warn(
+            self.log.warn(
                 "dropping a client that renegotiates too often: {reason}",
                 rekey_event="client_renegotiation_rate_limited",
                 reason=reason,
@@ -630,13 +676,13 @@ class _Watcher:
 
         if self.refusedByUs:
             self.refusedByUs = False
-            _log.info(
+            self.log.info(
                 "refused a client-initiated renegotiation (not allowed)",
                 rekey_event="client_renegotiation_refused",
             )
         if self.refused and not self.refusedLogged:
             self.refusedLogged = True
-            _log.warn(
+            self.log.warn(
                 "the peer refused to renegotiate",
                 rekey_event="renegotiation_refused",
             )
@@ -649,7 +695,7 @@ class _Watcher:
             self.bytesSentMark = self.bytesSent
             self.bytesReceivedMark = self.bytesReceived
             self.lastRotation = self.clock.seconds()
-            _log.info(
+            self.log.info(
                 "renegotiation completed ({version})",
                 rekey_event="renegotiation_completed",
                 version=protocol_version(self.conn),
@@ -668,7 +714,7 @@ class _Watcher:
         try:
             hook(*args)
         except Exception:
-            _log.failure(
+            self.log.failure(
                 "the application's {hook} raised",
                 hook=getattr(hook, "__name__", repr(hook)),
                 rekey_event="hook_error",
@@ -697,13 +743,13 @@ class _Watcher:
         try:
             key_update(self.conn, False)
         except (RekeyError, SSL.Error):
-            _log.failure(
+            self.log.failure(
                 "could not answer the peer's KeyUpdate",
                 rekey_event="key_update_answer_failed",
             )
             return
         self.flush()
-        _log.info(
+        self.log.info(
             "answered the peer's KeyUpdate request",
             rekey_event="key_update_answered",
         )
@@ -770,7 +816,7 @@ class _Watcher:
             # A new key the policy may not have asked for (the application's
             # own keyUpdate()): its counters start again from here.
             self.rotation.keyUpdateSent(send)
-        _log.info(
+        self.log.info(
             "sent a KeyUpdate (update_requested={requested}, reason: {reason})",
             rekey_event="key_update_sent",
             requested=send,
@@ -892,7 +938,7 @@ class _Watcher:
             self.renegDeadline = self.clock.callLater(
                 deadline, self.renegotiationExpired, deadline
             )
-            _log.info(
+            self.log.info(
                 "started a renegotiation (abbreviated={abbreviated}, reason: {reason})",
                 rekey_event="renegotiation_started",
                 abbreviated=abbreviated,
@@ -939,6 +985,7 @@ class _Waiter:
         what: str,
     ) -> None:
         self.queue = queue
+        self.log: _Logger = watcher.log
         self.deferred: Deferred[None] = Deferred(self.cancel)
         self.timer: Any = None
         if timeout is not None:
@@ -958,7 +1005,7 @@ class _Waiter:
     def timedOut(self, timeout: float, what: str) -> None:
         self.timer = None
         self.stop()
-        _log.warn(
+        self.log.warn(
             "gave up waiting for {what} after {timeout} s",
             rekey_event="rekey_timeout",
             what=what,
@@ -1205,6 +1252,18 @@ class RekeyProtocolMixin:
 
     def _rekeyConnectionLost(self, reason: Failure) -> None:
         """Called once, when the connection is lost (after the protocol)."""
+
+    def _rekeyApplication(self) -> object:
+        """The protocol this connection's log events name as their source."""
+        return self
+
+    def _rekeyCountReceived(self, watcher: _Watcher) -> None:
+        """
+        Have *watcher* count the application bytes this connection
+        receives: here, on their way into this protocol's ``dataReceived``.
+        """
+        protocol: Any = self
+        protocol.dataReceived = watcher.wrapAppData(protocol.dataReceived)
 
     def _rekeyNow(
         self, requestPeer: bool, reason: str, timeout: float | None = None

@@ -38,6 +38,7 @@ from twisted.python import usage
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from . import _binding
+from ._alpn import allowALPNWithoutProtocols
 from ._binding import ffi, lib
 from ._certs import DefaultCertificate, ensure_default_certificate, fingerprint
 from ._policy import RotationPolicy
@@ -463,13 +464,20 @@ class ServerCertificate:
     default: Optional[DefaultCertificate]
 
     def options(self, versions: dict[str, Any]) -> CertificateOptions:
-        """Twisted's server ``CertificateOptions`` with this certificate."""
-        return CertificateOptions(
+        """
+        Twisted's server ``CertificateOptions`` with this certificate,
+        accepting clients that offer ALPN on every Twisted.
+        """
+        options = CertificateOptions(
             privateKey=crypto.PKey.from_cryptography_key(self.key),
             certificate=crypto.X509.from_cryptography(self.chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in self.chain[1:]],
             **versions,
         )
+        # These servers speak no ALPN protocol: a default curl must still
+        # connect on Twisted 26.x.
+        allowALPNWithoutProtocols(options)
+        return options
 
     def logStartup(self, command: str) -> None:
         if self.default is not None:

@@ -50,7 +50,7 @@ from zope.interface import (  # type: ignore[import-untyped]
 )
 
 from ._connection import protocol_version
-from ._echo import describePeer, describeStats, describeTLS
+from ._echo import describePeer, describeReason, describeStats, describeTLS
 from ._metrics import MetricsOptionsMixin, RekeyMetrics, metricsService
 from ._policy import RotationPolicy
 from ._protocol import RekeyProtocolMixin
@@ -268,10 +268,11 @@ class RelaySide(RekeyProtocolMixin, Protocol):
             self.logHandshakeFailure(reason)
         elif self.isTLS:
             _log.info(
-                "{command}: {peer} closed: {stats}",
+                "{command}: {peer} closed: {stats}; {why}",
                 command=COMMAND,
                 peer=self.name,
                 stats=describeStats(self),
+                why=describeReason(reason),
             )
         peer, self.peer = self.peer, None
         if peer is not None and peer.peer is self:

@@ -75,7 +75,13 @@ def policy(now: float) -> None:
 def twisted_layer() -> None:
     from twisted.internet.defer import Deferred
 
-    from twisted_rekey import RekeyProtocolMixin, RekeyStats, RotatingFactory
+    from twisted_rekey import (
+        RekeyProtocolMixin,
+        RekeyStats,
+        RotatingFactory,
+        allowALPNWithoutProtocols,
+        rekeyableFor,
+    )
 
     class Proto(RekeyProtocolMixin):
         rotationPolicy = RotationPolicy(interval=60.0)
@@ -93,6 +99,9 @@ def twisted_layer() -> None:
     factory: Any = Factory.forProtocol(Protocol)
     wrapped = RotatingFactory(factory, RotationPolicy(interval=60.0))
     assert_type(wrapped.policy, RotationPolicy | None)
+    assert_type(rekeyableFor(Protocol()), RekeyProtocolMixin | None)
+    options: Any = None
+    assert_type(allowALPNWithoutProtocols(options), Any)
     assert twisted_rekey.__version__
 
 
