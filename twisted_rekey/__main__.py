@@ -186,6 +186,12 @@ def _probe(args: argparse.Namespace) -> int:
     return code
 
 
+def _own_version() -> str:
+    from . import __version__
+
+    return str(__version__)
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog=_PROG,
@@ -193,6 +199,12 @@ def _parser() -> _Parser:
         "or probe a server's KeyUpdate and renegotiation support.",
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_own_version()}",
+        help="print the version of twisted_rekey and exit",
     )
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=_Parser
