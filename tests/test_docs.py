@@ -76,13 +76,19 @@ def test_docs_build(built_docs: Path) -> None:
     api = (built_docs / "api.html").read_text(encoding="utf-8")
     import twisted_rekey
 
-    # The reference follows __all__, lazily served names included.
+    # The reference follows __all__, lazily served names and __version__
+    # included.
     missing = [
         name
         for name in twisted_rekey.__all__
-        if not name.startswith("_") and f'id="twisted_rekey.{name}"' not in api
+        if f'id="twisted_rekey.{name}"' not in api
     ]
     assert not missing, f"public names missing from the API reference: {missing}"
+    # The pages say which release they document, and carry its changelog.
+    index = (built_docs / "index.html").read_text(encoding="utf-8")
+    assert f"twisted_rekey {twisted_rekey.__version__}" in index
+    changelog = (built_docs / "changelog.html").read_text(encoding="utf-8")
+    assert f"twisted_rekey {twisted_rekey.__version__} (" in changelog
 
 
 def test_docs_link_through_shipped_inventories(built_docs: Path) -> None:
