@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LINTED = ["twisted_rekey", "tests", "examples", "benchmarks", "twisted"]
+LINTED = [
+    "twisted_rekey",
+    "tests",
+    "examples",
+    "benchmarks",
+    "twisted",
+    "docs",
+    "build_backend",
+]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -357,6 +357,12 @@ def _probe_many(options: Sequence[ProbeOptions], jobs: int) -> list[ProbeReport]
     return [r for r in reports if r is not None]
 
 
+def _own_version() -> str:
+    from . import __version__
+
+    return str(__version__)
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog=_PROG,
@@ -364,6 +370,12 @@ def _parser() -> _Parser:
         "or probe a server's KeyUpdate and renegotiation support.",
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_own_version()}",
+        help="print the version of twisted_rekey and exit",
     )
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=_Parser

@@ -46,6 +46,9 @@ class FunctionUnavailable(RekeyError, NotImplementedError):
     whose linker dropped it, or on Windows).  :attr:`reason` says why each way
     failed; :func:`twisted_rekey.capabilities` reports the same up front.
 
+    :ivar function: the OpenSSL function's name, e.g. ``"SSL_key_update"``.
+    :ivar reason: why no way to reach it was verified.
+
     .. versionadded:: 0.1.0
     """
 
