@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -145,6 +146,14 @@ def server(args: argparse.Namespace) -> None:
         return total
 
     window: dict[str, float] = {}
+    # BENCH_PROFILE=path: cProfile this server's windows (not its
+    # handshakes) and write the statistics to path.
+    profilePath = os.environ.get("BENCH_PROFILE")
+    profiler = None
+    if profilePath and args.mode == "policy":
+        import cProfile
+
+        profiler = cProfile.Profile()
 
     def handle(order: str, *rest: str) -> None:
         if order == "COUNT":  # how many handshakes are done; memory with them
@@ -154,8 +163,13 @@ def server(args: argparse.Namespace) -> None:
             _say(handshakes=done, rss_per_connection=perConnection)
         elif order == "WINDOW":
             window.update(rotations=rotations(), cpu=_cpu(), wall=time.monotonic())
+            if profiler is not None:
+                profiler.enable()
         elif order == "END":
             cpu, wall = _cpu() - window["cpu"], time.monotonic() - window["wall"]
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(profilePath)
             rotated = rotations() - window["rotations"]
             open_ = sum(1 for p in built if not p._lostTLSConnection)
             _say(cpu=cpu, wall=wall, rotations=rotated, open=open_)
