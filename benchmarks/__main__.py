@@ -52,9 +52,9 @@ FULL = Settings(
     scale_stages=(1000, 4000, 10000),
     interval=60.0,
     heartbeat=15.0,
-    warmup=62.0,
-    windows=4,
-    window_seconds=8.0,
+    warmup=5.0,
+    windows=6,
+    window_seconds=10.0,
     cold_runs=15,
 )
 QUICK = Settings(
@@ -81,10 +81,12 @@ async def _twisted(reactor: Any, s: Settings, out: dict[str, Any]) -> None:
     results = await bulk.measure(reactor, s.bulk_rounds, s.bulk_mib13, s.bulk_mib12)
     out["figures"] += [f.json() for f in _show(bulk.figures(results))]
     out["curve"] = bulk.curve(results)
+    out["bulk"] = results
     stream = await streams.measure(
         reactor, s.stream_counts, s.stream_rounds, s.stream_seconds
     )
     out["figures"] += [f.json() for f in _show(streams.figures(stream))]
+    out["streams"] = stream
 
 
 def _show(figures: list[_common.Figure]) -> list[_common.Figure]:

@@ -58,6 +58,9 @@ class Figure:
     goal: str = ""
     unit: str = "x"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The same pairing for CPU time per byte, where there is one: on a
+    #: shared machine it varies far less than throughput.
+    cpu: list[float] | None = None
 
     def line(self) -> str:
         q1, q3 = iqr(self.ratios)
@@ -65,6 +68,9 @@ class Figure:
             f"{ROW} {self.name}: {self.what} = {median(self.ratios):.3f}{self.unit} "
             f"(IQR {q1:.3f}-{q3:.3f}, n={len(self.ratios)})"
         )
+        if self.cpu is not None:
+            c1, c3 = iqr(self.cpu)
+            text += f"; CPU per byte {median(self.cpu):.3f}x (IQR {c1:.3f}-{c3:.3f})"
         if self.goal:
             text += f"; goal {self.goal}"
         for key, value in self.extra.items():
@@ -73,6 +79,10 @@ class Figure:
 
     def json(self) -> dict[str, Any]:
         q1, q3 = iqr(self.ratios)
+        cpu: dict[str, Any] = {}
+        if self.cpu is not None:
+            c1, c3 = iqr(self.cpu)
+            cpu = {"cpu_median": median(self.cpu), "cpu_q1": c1, "cpu_q3": c3}
         return {
             "name": self.name,
             "what": self.what,
@@ -81,6 +91,7 @@ class Figure:
             "q3": q3,
             "n": len(self.ratios),
             "goal": self.goal,
+            **cpu,
             **self.extra,
         }
 

@@ -16,25 +16,32 @@ def draw(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
     curve = results["curve"]
     for mode, label, style in (
         ("bare", "bare SSL_key_update", "s--"),
         ("lib", "twisted_rekey keyUpdate()", "o-"),
     ):
         points = curve[mode]
-        left.plot(
-            [p[0] / 1024 for p in points], [p[1] for p in points], style, label=label
-        )
+        kib = [p[0] / 1024 for p in points]
+        left.plot(kib, [p[1] for p in points], style, label=label)
+        middle.plot(kib, [p[2] for p in points], style, label=label)
     left.axhline(
         curve["plain"], color="grey", linestyle=":", label="plain, no rotation"
     )
-    left.set_xscale("log", base=2)
-    left.set_xlabel("KeyUpdate every ... KiB (TLS 1.3, loopback)")
+    middle.axhline(
+        curve["plain_nspb"], color="grey", linestyle=":", label="plain, no rotation"
+    )
+    for ax in (left, middle):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KeyUpdate every ... KiB (TLS 1.3, loopback)")
+        ax.set_ylim(bottom=0)
     left.set_ylabel("throughput, MB/s (median)")
-    left.set_ylim(bottom=0)
     left.set_title("Bulk throughput while rotating")
-    left.legend(loc="lower right")
+    left.legend(loc="lower right", fontsize="small")
+    middle.set_ylabel("CPU time per byte, both ends, ns (median)")
+    middle.set_title("CPU per byte while rotating (steadier)")
+    middle.legend(loc="lower left", fontsize="small")
 
     stages = results["scale"]["stages"]
     counts = sorted(stages, key=int)
