@@ -47,7 +47,8 @@ def draw(results: dict[str, Any], path: str) -> None:
     counts = sorted(stages, key=int)
     for mode, style in (("plain", "s:"), ("watch", "^--"), ("policy", "o-")):
         for side, color in (("server", "C0"), ("client", "C1")):
-            values = [_median(stages[n][mode][side]) for n in counts]
+            # The windows span one interval: their mean is the whole of it.
+            values = [_mean(stages[n][mode][side]) for n in counts]
             right.plot(
                 [int(n) for n in counts],
                 values,
@@ -59,7 +60,7 @@ def draw(results: dict[str, Any], path: str) -> None:
     interval = results["settings"]["interval"]
     heartbeat = results["settings"]["heartbeat"]
     right.set_xlabel(f"connections on one reactor (heartbeat every {heartbeat:g} s)")
-    right.set_ylabel("CPU, % of one core (median)")
+    right.set_ylabel("CPU, % of one core (over one interval)")
     right.set_title(f"CPU with a {interval:g} s rotation policy")
     right.legend(fontsize="small")
     fig.tight_layout()
@@ -67,7 +68,7 @@ def draw(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def _median(values: list[float]) -> float:
+def _mean(values: list[float]) -> float:
     import statistics
 
-    return statistics.median(values)
+    return statistics.fmean(values)
