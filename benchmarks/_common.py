@@ -66,11 +66,11 @@ class Figure:
         q1, q3 = iqr(self.ratios)
         text = (
             f"{ROW} {self.name}: {self.what} = {median(self.ratios):.3f}{self.unit} "
-            f"(IQR {q1:.3f}-{q3:.3f}, n={len(self.ratios)})"
+            f"(IQR {q1:.3f} to {q3:.3f}, n={len(self.ratios)})"
         )
         if self.cpu is not None:
             c1, c3 = iqr(self.cpu)
-            text += f"; CPU per byte {median(self.cpu):.3f}x (IQR {c1:.3f}-{c3:.3f})"
+            text += f"; CPU per byte {median(self.cpu):.3f}x (IQR {c1:.3f} to {c3:.3f})"
         if self.goal:
             text += f"; goal {self.goal}"
         for key, value in self.extra.items():
@@ -154,15 +154,19 @@ class Certificates:
         private = ssl.PrivateCertificate.loadPEM(
             self.cert.private_key_and_cert_chain_pem.bytes()
         )
-        extra: dict[str, Any] = {}
-        if tls12:
-            extra["lowerMaximumSecurityTo"] = ssl.TLSVersion.TLSv1_2
-        return ssl.CertificateOptions(
+        options = ssl.CertificateOptions(
             privateKey=private.privateKey.original,
             certificate=private.original,
             enableSessions=sessions,
-            **extra,
         )
+        if tls12:
+            # Not lowerMaximumSecurityTo: Twisted 23.10 excludes the maximum
+            # itself too (twisted#10232).  CertificateOptions builds its
+            # Context once and keeps it.
+            from OpenSSL import SSL
+
+            options.getContext().set_max_proto_version(SSL.TLS1_2_VERSION)
+        return options
 
     def clientOptions(self) -> Any:
         from twisted.internet import ssl
@@ -170,6 +174,24 @@ class Certificates:
         return ssl.optionsForClientTLS(
             "localhost", ssl.Certificate.loadPEM(self.ca.cert_pem.bytes())
         )
+
+    def contexts(self) -> tuple[Any, Any]:
+        """A pyOpenSSL server and client Context, from files (which every
+        pyOpenSSL release accepts)."""
+        import tempfile
+
+        from OpenSSL import SSL
+
+        if not hasattr(self, "_files"):
+            self._files = tempfile.TemporaryDirectory(prefix="twisted-rekey-bench-")
+            self.writeTo(self._files.name)
+        server = SSL.Context(SSL.TLS_METHOD)
+        server.use_certificate_chain_file(os.path.join(self._files.name, "server.pem"))
+        server.use_privatekey_file(os.path.join(self._files.name, "server.pem"))
+        client = SSL.Context(SSL.TLS_METHOD)
+        client.load_verify_locations(os.path.join(self._files.name, "ca.pem"))
+        client.set_verify(SSL.VERIFY_PEER, lambda *args: bool(args[-1]))
+        return server, client
 
     def writeTo(self, directory: str) -> None:
         self.cert.private_key_and_cert_chain_pem.write_to_path(

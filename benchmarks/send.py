@@ -23,10 +23,7 @@ BUF = b"x" * 1024
 
 
 def _pair(certs: Certificates, make: Any) -> Any:
-    server_ctx = SSL.Context(SSL.TLS_METHOD)
-    certs.cert.configure_cert(server_ctx)
-    client_ctx = SSL.Context(SSL.TLS_METHOD)
-    certs.ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = certs.contexts()
     server = SSL.Connection(server_ctx, None)
     server.set_accept_state()
     client = make(client_ctx)

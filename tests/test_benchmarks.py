@@ -40,7 +40,7 @@ FIGURES = [
 
 _ROW = re.compile(
     r"^FIGURE (?P<name>[\w-]+): .+ = (?P<median>\S+?)(x| ms| pt| KiB) "
-    r"\(IQR (?P<q1>\S+)-(?P<q3>\S+), n=(?P<n>\d+)\)"
+    r"\(IQR (?P<q1>\S+) to (?P<q3>\S+), n=(?P<n>\d+)\)"
 )
 
 
