@@ -207,3 +207,42 @@ def test_scheduled_rotation_seen_by_openssl_s_server(cert_files: CertFiles) -> N
             assert b"still talking" in read_until(conn, b"talking")
         finally:
             sock.close()
+
+
+def test_send_rotates_after_the_same_write_as_if_each_were_counted() -> None:
+    # send() tells the schedule of its writes in batches (the per-write path
+    # only adds): the rotation must still follow the write that crosses the
+    # threshold, a timed one the first write after its deadline, and the
+    # schedule's counters must be exact whenever they are read.
+    clock = FakeClock()
+    policy = RotationPolicy(
+        interval=60, jitter=0, max_bytes=10_000, min_interval=0.05, aead_limit=False
+    )
+    pair = make_pair(client_policy=policy, clock=clock)
+    for i in range(1, 10):
+        pair.client.send(b"x" * 1000)
+        clock.now += 0.01  # past min_interval by the 10th write
+        pair.pump()
+        schedule = pair.client.rotation_schedule
+        assert schedule is not None
+        assert (schedule.bytes_sent, schedule.records_sent) == (1000 * i, i)
+    assert pair.server_seen.count("read client key update") == 0
+    pair.client.send(b"x" * 1000)  # the 10,000th byte
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 1
+    assert schedule.bytes_sent == 0
+    assert schedule.total_bytes_sent == 10_000
+    clock.now += 30
+    assert pair.client.send(b"y" * 12_000) == 12_000  # past the byte limit
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 2
+    clock.now += 59
+    pair.client.send(b"z")
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 2
+    clock.now += 2  # the interval passed: the next write rotates
+    pair.client.send(b"z")
+    pair.pump()
+    assert pair.server_seen.count("read client key update") == 3
+    assert schedule.total_records_sent == 10 + 1 + 2
+    assert len(pair.take("server")) == 22_002

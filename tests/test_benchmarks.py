@@ -1,0 +1,75 @@
+"""
+The benchmark command runs end to end: ``python -m benchmarks --quick``
+prints a row for every figure of docs/performance.rst.  Only the structure
+of its output is checked, never a timing (those belong to the full run on
+a quiet machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIGURES = [
+    "send-1KiB-vs-pyopenssl",
+    "keyupdate-1MiB-vs-bare",
+    "keyupdate-64KiB-vs-bare",
+    "keyupdate-requested-1MiB-vs-plain",
+    "keyupdate-requested-64KiB-vs-plain",
+    "renegotiation-full-4MiB-vs-bare",
+    "renegotiation-resumed-4MiB-vs-bare",
+    "watching-vs-plain",
+    *(f"streams-{n}-policy-vs-plain" for n in (1, 10, 100, 1000)),
+    *(
+        f"connections-{n}-{mode}-server-cpu"
+        for n in (50, 100)
+        for mode in ("watch", "policy")
+    ),
+    "memory-watch-per-idle-connection",
+    "memory-policy-per-idle-connection",
+    "cold-start-pyc",
+    "cold-start-nopyc",
+]
+
+_ROW = re.compile(
+    r"^FIGURE (?P<name>[\w-]+): .+ = (?P<median>\S+?)(x| ms| pt| KiB) "
+    r"\(IQR (?P<q1>\S+) to (?P<q3>\S+), n=(?P<n>\d+)\)"
+)
+
+
+def test_quick_run_prints_every_figure(tmp_path: Path) -> None:
+    saved = tmp_path / "run.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(saved)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**env, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        match = _ROW.match(line)
+        if match:
+            rows[match["name"]] = match
+    assert sorted(rows) == sorted(FIGURES), out.stdout
+    for name, row in rows.items():
+        assert int(row["n"]) >= 1, name
+        for key in ("median", "q1", "q3"):
+            float(row[key])  # a number, NaN allowed when a window moved nothing
+    # The throughput figures measured something in every round.
+    assert not math.isnan(float(rows["keyupdate-1MiB-vs-bare"]["median"]))
+    for key in ("python", "twisted", "pyOpenSSL", "cryptography", "openssl"):
+        assert f"  {key}: " in out.stdout
+    assert "done in " in out.stdout
+    kept = json.loads(saved.read_text())
+    assert sorted(f["name"] for f in kept["figures"]) == sorted(FIGURES)
