@@ -421,6 +421,12 @@ BAD_ECHO = [
     (["--interval", "soon"], ["--interval must be a number of seconds"]),
     (["--interval", "0.5", "--min-interval", "1"], ["shorter than --min-interval"]),
     (["--min-interval", "0.01"], ["min_interval must be at least"]),
+    # Below what GnuTLS takes (8 KeyUpdates a second): an error, not a
+    # floor silently raised.
+    (
+        ["--interval", "0.1", "--min-interval", "0.1"],
+        ["min_interval must be at least 0.2 s", "GnuTLS"],
+    ),
     (["--bytes", "lots"], ["--bytes must be a number of bytes"]),
     (
         ["--tls-min", "1.3", "--tls-max", "1.2"],

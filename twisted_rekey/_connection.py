@@ -668,9 +668,11 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
         """As :meth:`OpenSSL.SSL.Connection.recv`."""
         try:
-            return bytes(super().recv(bufsiz, flags))
+            data = bytes(super().recv(bufsiz, flags))
         finally:
             self._rekey_reraise()
+        self._rekey_account(len(data), received=True)
+        return data
 
     read = recv
 
@@ -679,9 +681,11 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     ) -> int:
         """As :meth:`OpenSSL.SSL.Connection.recv_into`."""
         try:
-            return int(super().recv_into(buffer, nbytes, flags))
+            received = int(super().recv_into(buffer, nbytes, flags))
         finally:
             self._rekey_reraise()
+        self._rekey_account(received, received=True)
+        return received
 
     def send(self, buf: Any, flags: int = 0) -> int:
         """As :meth:`OpenSSL.SSL.Connection.send`, then the policy."""
@@ -742,14 +746,17 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             )
         return schedule
 
-    def _rekey_account(self, nbytes: int) -> None:
+    def _rekey_account(self, nbytes: int, received: bool = False) -> None:
         if self._rekey_policy is None or self.rotation_error is not None:
             return
         now = self._rekey_clock()
         schedule = self._rekey_schedule or self._rekey_start(now)
         if schedule is None or schedule.disabled_reason is not None:
             return
-        action = schedule.data_sent(now, nbytes) if nbytes else None
+        # Each direction's bytes count toward its own key: a connection
+        # that only receives renews the peer's key too.
+        count = schedule.data_received if received else schedule.data_sent
+        action = count(now, nbytes) if nbytes else None
         if action is None:
             deadline = schedule.get_timer()
             if deadline is not None and deadline <= now:

@@ -48,7 +48,9 @@ from ._connection import (
     renegotiate_pending,
 )
 from ._interfaces import IRekeyable
+from ._policy import KeyUpdateCounter
 from .exceptions import (
+    AlreadyInProgress,
     ConnectionStateError,
     FunctionUnavailable,
     KeyUpdateFlood,
@@ -56,6 +58,7 @@ from .exceptions import (
     RekeyError,
     RekeyTimeout,
     RenegotiationRateLimited,
+    RotationRateLimited,
 )
 
 if TYPE_CHECKING:
@@ -130,6 +133,50 @@ _CB_HANDSHAKE_DONE = int(lib.SSL_CB_HANDSHAKE_DONE)
 _CB_ALERT = int(lib.SSL_CB_ALERT)
 # SSL_CB_READ (4): in SSL_CB_READ_ALERT but not in SSL_CB_WRITE_ALERT.
 _CB_READ = int(lib.SSL_CB_READ_ALERT) & ~_CB_ALERT
+_BIO_read = lib.BIO_read
+_SENT_SHUTDOWN = SSL.SENT_SHUTDOWN
+
+_SCRATCH = 16384
+_scratchBuffer: list[Any] = []
+
+
+def _scratch() -> Any:
+    """Where trip() discards the bytes of a peer it stopped reading."""
+    if not _scratchBuffer:
+        _scratchBuffer.append(ffi.new("char[]", _SCRATCH))
+    return _scratchBuffer[0]
+
+
+#: The most calls that wait together for one answer of the peer (its
+#: KeyUpdate, or the end of a renegotiation); one more fails with
+#: AlreadyInProgress.
+MAX_WAITERS = 8
+
+#: At most one event of each kind about the peer's KeyUpdates per this many
+#: seconds and connection; the events between are counted in the next one.
+LOG_INTERVAL = 1.0
+
+
+class _Throttle:
+    """
+    Lets one log event through per :data:`LOG_INTERVAL`, counting the ones
+    held back, so that no peer can make the log grow faster than that.
+    """
+
+    __slots__ = ("held", "last")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.last = -LOG_INTERVAL
+
+    def due(self, now: float, n: int = 1) -> int:
+        """Count *n* events; how many to report now (0: hold them)."""
+        self.held += n
+        if now - self.last < LOG_INTERVAL:
+            return 0
+        self.last = now
+        held, self.held = self.held, 0
+        return held
 
 
 @dataclass(frozen=True)
@@ -241,14 +288,31 @@ class _Watcher:
         # From the callback we chain to: logged, never fatal (without us,
         # cffi would have printed and ignored them).
         self.previousErrors: list[BaseException] = []
-        self.inARow = 0
-        # bytesReceived when the last KeyUpdate was read: the data path
-        # keeps one counter only, the KeyUpdate path compares.
+        # The flood guard: the peer's unasked KeyUpdates, checked as each
+        # one is read (the same counter bounds what we send).
+        self.inbound = KeyUpdateCounter(
+            owner.keyUpdateRateLimit, owner.keyUpdateFloodLimit
+        )
+        # Every KeyUpdate of ours on the wire, answers included.
+        self.outbound = KeyUpdateCounter.for_sending()
+        # bytesReceived (bytesSent) when the last KeyUpdate was read
+        # (sent): the data path keeps one counter only, the KeyUpdate path
+        # compares.
         self.bytesAtLastUpdate = 0
+        self.bytesAtLastSent = 0
+        # The answer to our own update_requested is still to come: asked
+        # for, so never counted by the guard.
+        self.answerDue = False
         self.floodReason: str | None = None
-        self.updateTimes: deque[float] = deque()
+        # Set once a guard tripped: nothing more from this peer is read.
+        self.tripped = False
         self.clientRenegTimes: deque[float] = deque()
         self.abuseReason: str | None = None
+        self.receivedLog = _Throttle()
+        self.answeredLog = _Throttle()
+        # loseConnection() met a handshake in progress: close once it ends.
+        self.closeAfterHandshake = False
+        self.closeTimer: Any = None
 
         if self.initialDone:
             self.lastRotation = clock.seconds()
@@ -276,10 +340,12 @@ class _Watcher:
         self.tlsConnectionLost = tls.connectionLost
         self.tlsWrite = tls._write
         self.tlsBufferedWrite = tls._bufferedWrite
+        self.tlsShutdownTLS = tls._shutdownTLS
         tls.dataReceived = self.dataReceived  # type: ignore[method-assign]
         tls.connectionLost = self.connectionLost  # type: ignore[method-assign]
         tls._write = self.write  # type: ignore[method-assign]
         tls._bufferedWrite = self.bufferedWrite  # type: ignore[method-assign]
+        tls._shutdownTLS = self.shutdownTLS  # type: ignore[method-assign]
         protocol: Any = owner
         protocol.dataReceived = self.wrapAppData(protocol.dataReceived)
 
@@ -327,26 +393,29 @@ class _Watcher:
                         # request with our next write.
                         requested = False
                     self.peerUpdates.append(requested)
-                    if self.bytesReceived != self.bytesAtLastUpdate:
-                        self.bytesAtLastUpdate = self.bytesReceived
-                        self.inARow = 0
-                    self.inARow += 1
-                    limit = self.owner.keyUpdateFloodLimit
-                    if limit is not None and self.inARow > limit:
-                        self.floodReason = (
-                            f"{self.inARow} KeyUpdates in a row without "
-                            f"application data (limit {limit})"
-                        )
-                    self.checkRate()
                     self.dirty = True
+                    if self.answerDue:
+                        # The answer to our request: asked for, not counted.
+                        self.answerDue = False
+                    else:
+                        self.checkRate()
                 elif b" write " in state:
                     self.sent += 1
                     self.bytesSentMark = self.bytesSent
-                    self.lastRotation = self.clock.seconds()
+                    now = self.clock.seconds()
+                    self.lastRotation = now
+                    if self.bytesSent != self.bytesAtLastSent:
+                        self.bytesAtLastSent = self.bytesSent
+                        self.outbound.data()
+                    self.outbound.add(now)
         if where & _CB_HANDSHAKE_START and self.initialDone:
             self.renegInProgress = True
             if not self.renegOurs:
                 self.renegStarts += 1
+                if self.isClient is False:
+                    # Checked per message too: a client renegotiating in a
+                    # loop is cut before OpenSSL reads its next attempt.
+                    self.noteClientRenegotiation()
             self.dirty = True
         if where & _CB_HANDSHAKE_DONE:
             if self.initialDone:
@@ -371,19 +440,35 @@ class _Watcher:
             self.dirty = True
 
     def checkRate(self) -> None:
-        rate = self.owner.keyUpdateRateLimit
-        if rate is None:
+        """
+        Count one unasked KeyUpdate from the peer; past a bound, stop
+        reading from it at once.
+        """
+        if self.bytesReceived != self.bytesAtLastUpdate:
+            self.bytesAtLastUpdate = self.bytesReceived
+            self.inbound.data()
+        reason = self.inbound.add(self.clock.seconds())
+        if reason is not None and self.floodReason is None:
+            self.floodReason = reason
+            self.trip()
+
+    def trip(self) -> None:
+        """
+        A guard tripped, inside OpenSSL: discard what is left of this read
+        in the memory BIO, so that OpenSSL finds nothing more to process
+        (no further KeyUpdate derived, answered or data delivered) and
+        returns; the connection is dropped once it has.  BIO_read on the
+        memory BIO is no SSL_* call: it cannot re-enter the state machine.
+        """
+        self.tripped = True
+        self.dirty = True
+        bio = getattr(self.conn, "_into_ssl", None)
+        if bio is None:  # pragma: no cover - Twisted always uses memory BIOs
             return
-        count, window = rate
-        now = self.clock.seconds()
-        times = self.updateTimes
-        times.append(now)
-        while times and times[0] <= now - window:
-            times.popleft()
-        if len(times) > count:
-            self.floodReason = (
-                f"{len(times)} KeyUpdates within {window} s (limit {count})"
-            )
+        scratch = _scratch()
+        # Bounded: the BIO holds at most what the transport read at once.
+        while _BIO_read(bio, scratch, _SCRATCH) > 0:
+            pass
 
     def noteClientRenegotiation(self) -> None:
         count, window = self.owner.clientRenegotiationLimit
@@ -392,18 +477,26 @@ class _Watcher:
         times.append(now)
         while times and times[0] <= now - window:
             times.popleft()
-        if len(times) > count:
+        if len(times) > count and self.abuseReason is None:
             self.abuseReason = (
                 f"{len(times)} client-initiated renegotiations within "
                 f"{window} s (limit {count})"
             )
+            self.trip()
 
     # -- wrappers around the TLS protocol and the application protocol
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tripped:
+            return  # a guard tripped: nothing more from this peer
+        before = self.bytesReceived
         self.tlsDataReceived(data)
         if self.dirty:
             self.process()
+        # Once per read, not per record: the policy's count of the bytes
+        # the peer's key carried.
+        if self.rotation is not None and self.bytesReceived != before:
+            self.rotation.dataReceived(self.bytesReceived - before)
 
     def wrapAppData(self, appDataReceived: Callable[[bytes], None]) -> Any:
         # Called once per TLS record of data, so as little as can be: a
@@ -431,6 +524,42 @@ class _Watcher:
         self.bytesSent -= len(data)
         self.tlsBufferedWrite(data)
 
+    def shutdownTLS(self) -> None:
+        self.tlsShutdownTLS()
+        tls = self.tls
+        conn = tls._tlsConnection
+        if (
+            self.lost
+            or getattr(tls, "_aborted", False)
+            or conn is None
+            or not self.initialDone
+            or conn.get_shutdown() & _SENT_SHUTDOWN
+        ):
+            return
+        # OpenSSL refuses to shut down in the middle of a handshake (a
+        # renegotiation, ours or the peer's): no close_notify went out, and
+        # Twisted would never try again, leaving the connection open.  Try
+        # again when the handshake ends; abort if the close takes longer
+        # than closeTimeout in all.
+        self.closeAfterHandshake = True
+        if self.closeTimer is None:
+            self.closeTimer = self.clock.callLater(
+                self.owner.closeTimeout, self.closeTimedOut
+            )
+
+    def closeTimedOut(self) -> None:
+        self.closeTimer = None
+        if self.lost:
+            return
+        timeout = self.owner.closeTimeout
+        _log.warn(
+            "aborting a connection that did not close within {timeout} s of "
+            "loseConnection() (a handshake was running)",
+            rekey_event="close_timeout",
+            timeout=timeout,
+        )
+        self.tls.abortConnection()
+
     def connectionLost(self, reason: Failure) -> None:
         try:
             self.tlsConnectionLost(reason)
@@ -441,6 +570,9 @@ class _Watcher:
         if self.lost:
             return
         self.lost = True
+        timer, self.closeTimer = self.closeTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self.rotation is not None:
             self.rotation.stop()
         if self.dirty:
@@ -488,22 +620,53 @@ class _Watcher:
         if self.initialDone and not self.handshakeNoted:
             self.noteHandshake()
 
+        if self.tripped and not self.lost:
+            # Before anything the read recorded: a peer past a bound gets
+            # no answer, no hook call and no more of our CPU.
+            self.received += len(self.peerUpdates)
+            self.peerUpdates = []
+            self.renegStarts = self.renegDone = 0
+            flood, self.floodReason = self.floodReason, None
+            abuse, self.abuseReason = self.abuseReason, None
+            if flood is not None:
+                _log.warn(
+                    "dropping a peer that floods KeyUpdates: {reason}",
+                    rekey_event="key_update_flood",
+                    reason=flood,
+                )
+                self.drop(KeyUpdateFlood(flood))
+            else:
+                reason = abuse or "a guard tripped"
+                _log.warn(
+                    "dropping a client that renegotiates too often: {reason}",
+                    rekey_event="client_renegotiation_rate_limited",
+                    reason=reason,
+                )
+                self.drop(RenegotiationRateLimited(reason))
+            return
+
         updates, self.peerUpdates = self.peerUpdates, []
         if updates and answer and any(updates) and not self.closing():
             self.answer()
         fire: list[_Waiter] = []
+        if updates:
+            now = self.clock.seconds()
+            report = self.receivedLog.due(now, len(updates))
+            if report:
+                _log.info(
+                    "peer sent {updates} KeyUpdate(s) (last update_requested="
+                    "{requested})",
+                    rekey_event="key_update_received",
+                    requested=updates[-1],
+                    updates=report,
+                    count=self.received + len(updates),
+                )
         for requested in updates:
             self.received += 1
             self.bytesReceivedMark = self.bytesReceived
             self.lastRotation = self.clock.seconds()
             if self.rotation is not None:
                 self.rotation.peerRotated(requested)
-            _log.info(
-                "peer sent a KeyUpdate (update_requested={requested})",
-                rekey_event="key_update_received",
-                requested=requested,
-                count=self.received,
-            )
             if self.requestOutstanding:
                 self.requestOutstanding = False
                 fire += self.peerWaiters
@@ -516,16 +679,6 @@ class _Watcher:
         for waiter in fire:
             waiter.succeed()
 
-        if self.floodReason is not None and not self.lost:
-            reason, self.floodReason = self.floodReason, None
-            _log.warn(
-                "dropping a peer that floods KeyUpdates: {reason}",
-                rekey_event="key_update_flood",
-                reason=reason,
-            )
-            self.drop(KeyUpdateFlood(reason))
-            return
-
         starts, self.renegStarts = self.renegStarts, 0
         for _ in range(starts):
             if self.isClient is False:
@@ -535,7 +688,6 @@ class _Watcher:
                         "a client-initiated renegotiation, which this server "
                         "does not allow (allowClientRenegotiation is off)"
                     )
-                self.noteClientRenegotiation()
             _log.info(
                 "peer started a renegotiation",
                 rekey_event="renegotiation_started_by_peer",
@@ -587,6 +739,12 @@ class _Watcher:
             for waiter in list(waiters):
                 waiter.succeed()
 
+        if self.closeAfterHandshake and not self.lost:
+            # loseConnection() met a handshake: if it is over, close now
+            # (shutdownTLS() waits again if not).
+            self.closeAfterHandshake = False
+            self.tls._shutdownTLS()
+
     def callHook(self, hook: Callable[..., object], *args: object) -> None:
         try:
             hook(*args)
@@ -626,10 +784,13 @@ class _Watcher:
             )
             return
         self.flush()
-        _log.info(
-            "answered the peer's KeyUpdate request",
-            rekey_event="key_update_answered",
-        )
+        report = self.answeredLog.due(self.clock.seconds())
+        if report:
+            _log.info(
+                "answered {answers} KeyUpdate request(s) of the peer",
+                rekey_event="key_update_answered",
+                answers=report,
+            )
 
     # -- our own rotations
 
@@ -662,6 +823,15 @@ class _Watcher:
     def keyUpdate(
         self, requestPeer: bool, timeout: float | None, reason: str
     ) -> Deferred[None]:
+        if requestPeer and len(self.peerWaiters) >= MAX_WAITERS:
+            # Calls in a loop must not grow memory: a few callers share
+            # the outstanding answer, the rest are told to wait for it.
+            return fail(
+                AlreadyInProgress(
+                    f"{MAX_WAITERS} calls already wait for the peer's answer "
+                    "to our KeyUpdate request: wait for one of their Deferreds"
+                )
+            )
         try:
             self.sendKeyUpdate(requestPeer, reason)
         except Exception:
@@ -684,10 +854,30 @@ class _Watcher:
         # asking, and waits for the same answer.
         send = requestPeer and not self.requestOutstanding
         self.flushApplication()
+        # Whatever asks (a policy, the application), no KeyUpdate of ours
+        # goes past the bounds peers enforce: KEY_UPDATE_RATE_SENT and
+        # KEY_UPDATES_IN_A_ROW_SENT, counted on every KeyUpdate we send.
+        now = self.clock.seconds()
+        if self.bytesSent != self.bytesAtLastSent:
+            self.bytesAtLastSent = self.bytesSent
+            self.outbound.data()
+        allowed = self.outbound.next_allowed(now)
+        if allowed is None or allowed > now:
+            raise RotationRateLimited(
+                "another KeyUpdate now would exceed what peers accept ("
+                + (
+                    "too many in a row without application data sent"
+                    if allowed is None
+                    else f"too many within a second; possible again in "
+                    f"{allowed - now:.3f} s"
+                )
+                + ")"
+            )
         key_update(self.conn, send)
         self.flush()
         if send:
             self.requestOutstanding = True
+            self.answerDue = True
             self.requested += 1
         if self.rotation is not None:
             # A new key the policy may not have asked for (the application's
@@ -751,6 +941,14 @@ class _Watcher:
                 rekey_event="renegotiation_started",
                 abbreviated=abbreviated,
                 reason=reason,
+            )
+        elif len(self.renegWaiters) >= MAX_WAITERS:
+            # Calls in a loop must not grow memory.
+            return fail(
+                AlreadyInProgress(
+                    f"{MAX_WAITERS} calls already wait for the running "
+                    "renegotiation: wait for one of their Deferreds"
+                )
             )
         # A renegotiation already running (ours or the peer's) gives new
         # keys both ways when it completes: wait for that one.
@@ -847,11 +1045,21 @@ class RekeyProtocolMixin:
     * A second :meth:`keyUpdate` with *requestPeer* while an earlier request
       is unanswered sends a KeyUpdate that does not ask again (at most one
       update_requested is ever outstanding) and fires with the same answer.
+      At most 8 calls wait for one answer together: one more fails at once
+      with :class:`~twisted_rekey.AlreadyInProgress` and sends nothing, so
+      that no call pattern grows memory without bound.
       Without *requestPeer*, each call sends its own KeyUpdate.
+    * A KeyUpdate that would take this side past
+      :data:`~twisted_rekey.KEY_UPDATE_RATE_SENT` or
+      :data:`~twisted_rekey.KEY_UPDATES_IN_A_ROW_SENT` (what GnuTLS,
+      rustls and BoringSSL accept) is not sent: :meth:`keyUpdate` fails
+      with :class:`~twisted_rekey.RotationRateLimited`.
     * :meth:`keyUpdate` on a TLS 1.2 connection (renegotiating or not) fails
       with :class:`~twisted_rekey.WrongProtocolVersion`;
       :meth:`renegotiate` while a renegotiation (either side's) is running
-      starts no new one and fires when the running one completes.
+      starts no new one and fires when the running one completes (again at
+      most 8 calls wait together; one more fails with
+      :class:`~twisted_rekey.AlreadyInProgress`).
     * After ``loseConnection()``, calls fail with
       :class:`~twisted_rekey.ConnectionStateError`; Deferreds still waiting
       when the connection is lost fail with
@@ -875,7 +1083,14 @@ class RekeyProtocolMixin:
         bound).  32, as rustls and BoringSSL.
     :ivar keyUpdateRateLimit: ``(count, seconds)``: disconnect a peer that
         sends more than *count* KeyUpdates within *seconds* (``None``: no
-        bound).
+        bound).  Both bounds count only KeyUpdates the peer sent unasked
+        (the answer to our own request is not counted) and are checked as
+        each KeyUpdate is read: past one, the rest of that read is
+        discarded unprocessed and the connection dropped.
+    :ivar closeTimeout: seconds within which ``loseConnection()`` called
+        while a handshake (a renegotiation, either side's) runs must have
+        closed the connection: the close_notify goes out when the handshake
+        ends, and the connection is aborted when this passes first.
     :ivar rotationPolicy: a :class:`~twisted_rekey.RotationPolicy`: from
         the handshake on, the connection rotates its keys by itself when
         the policy says, on timers of the reactor's shared
@@ -900,6 +1115,7 @@ class RekeyProtocolMixin:
     clientRenegotiationLimit: tuple[int, float] = (3, 600.0)
     keyUpdateFloodLimit: int | None = 32
     keyUpdateRateLimit: tuple[int, float] | None = (64, 1.0)
+    closeTimeout: float = 10.0
     rotationPolicy: RotationPolicy | None = None
     rotationGranularity: float | None = None
     renegotiateAsClient: bool = False
