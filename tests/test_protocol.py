@@ -1005,3 +1005,26 @@ def test_lose_connection_aborts_when_renegotiation_never_ends(
     assert "close_timeout" in events.names()
     pair.pump.flush()
     assert pair.client.lost is not None
+
+
+def test_peer_close_while_writes_wait_on_our_renegotiation(cert_files: Any) -> None:
+    """
+    Our renegotiation holds a write (WantRead); the peer closes; SSL_write
+    then reads the close_notify.  Twisted's own handling of that raises
+    IndexError (it expects the error's args): the mixin finishes it as a
+    clean close instead, and nothing escapes.
+    """
+
+    class Allowing(Peer):
+        allowClientRenegotiation = True
+
+    pair = Pair(cert_files, "1.2", serverClass=Allowing)
+    reneg = _result(pair.client.renegotiate())
+    pair.client.transport.write(b"\x00")  # type: ignore[union-attr]
+    pair.server.transport.loseConnection()  # type: ignore[union-attr]
+    pair.pump.flush()
+    pair.clock.advance(Peer.closeTimeout)
+    pair.pump.flush()
+    assert pair.client.lost is not None and pair.server.lost is not None
+    assert len(reneg) == 1
+    assert not pair.clock.getDelayedCalls()

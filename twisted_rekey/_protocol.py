@@ -135,6 +135,7 @@ _CB_ALERT = int(lib.SSL_CB_ALERT)
 _CB_READ = int(lib.SSL_CB_READ_ALERT) & ~_CB_ALERT
 _BIO_read = lib.BIO_read
 _SENT_SHUTDOWN = SSL.SENT_SHUTDOWN
+_RECEIVED_SHUTDOWN = SSL.RECEIVED_SHUTDOWN
 
 _SCRATCH = 16384
 _scratchBuffer: list[Any] = []
@@ -514,9 +515,26 @@ class _Watcher:
         # not take yet, which is counted when it comes through here again.
         before = self.bytesSent
         self.bytesSent = before + len(data)
-        self.tlsWrite(data)
+        try:
+            self.tlsWrite(data)
+        except IndexError:
+            self.peerClosedDuringWrite()
         if self.rotation is not None:
             self.rotation.dataSent(self.bytesSent - before)
+
+    def peerClosedDuringWrite(self) -> None:
+        """
+        In the middle of a renegotiation SSL_write reads too, and may read
+        the peer's close_notify: Twisted's _write then hands the
+        ZeroReturnError to _representsEOF, which indexes its empty args.
+        The peer closed cleanly: finish as Twisted does when a read meets
+        the close_notify, instead of letting IndexError escape.
+        """
+        tls = self.tls
+        conn = tls._tlsConnection
+        if conn is None or not conn.get_shutdown() & _RECEIVED_SHUTDOWN:
+            raise
+        tls._tlsShutdownFinished(None)
 
     def bufferedWrite(self, data: bytes) -> None:
         # Only TLSMemoryBIOProtocol._write re-buffers, with bytes that went
