@@ -33,6 +33,7 @@ async def test_small_stress_run() -> None:
     r = await stress.run(size)
     print(r.report())
     assert r.connections == 2 * size.connections
+    assert r.failed == {}
     assert r.digests_matched == r.connections
     assert r.bytes_checked == 2 * r.connections * size.stream
     # Both sides rotate, on both versions (TLS 1.2: the server renegotiates).
