@@ -233,7 +233,8 @@ class StreamClient(RekeyProtocolMixin, protocol.Protocol):
         self.receivedHash.update(data)
         self.received += len(data)
         if self.received >= self.total and not self.done.called:
-            self.ticker.stop()
+            if self.ticker.running:
+                self.ticker.stop()
             self.done.callback(None)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -637,6 +638,10 @@ async def _memory(size: Size, certs: Certs, r: Results) -> None:
         conn = client.transport.getHandle()
         await _until(lambda: bool(factory.built), "the server side")
         server = factory.built[0]
+        # A round trip first: the client's handshake is over for OpenSSL
+        # only once the server's post-handshake messages were read.
+        client.transport.write(b"x")
+        await _until(lambda: client.received >= 1, "the first echo")
         before = _rss()
         sent = 0
         while sent < size.key_updates:

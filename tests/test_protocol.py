@@ -279,31 +279,29 @@ def test_second_request_while_one_outstanding(cert_files: Any) -> None:
 def test_requests_in_a_loop_are_bounded(cert_files: Any) -> None:
     """
     keyUpdate(requestPeer=True) in a loop while the answer is outstanding:
-    at most MAX_WAITERS wait, the rest fail at once with a clear error and
-    send nothing, and no more KeyUpdates go out than peers accept.
+    at most MAX_WAITERS wait for the answer and MAX_WAITERS for the sending
+    rate, the rest fail at once with a clear error and send nothing, and no
+    more KeyUpdates go out than peers accept.
     """
     pair = Pair(cert_files)
     calls = [_result(pair.client.keyUpdate(requestPeer=True)) for _ in range(10000)]
     watcher = pair.client._rekeyWatcher
     assert watcher is not None
     assert len(watcher.peerWaiters) <= MAX_WAITERS
-    waiting = [c for c in calls if not c]
+    assert len(watcher.heldUpdates) <= MAX_WAITERS
     refused = [c[0] for c in calls if c]
-    assert len(waiting) == len(watcher.peerWaiters) >= 1
-    assert all(f.check(RotationRateLimited) for f in refused)
+    assert len(refused) >= 10000 - 2 * MAX_WAITERS
+    assert all(f.check(AlreadyInProgress, RotationRateLimited) for f in refused)
     assert pair.client.rekeyStats.keyUpdatesSent <= KEY_UPDATE_RATE_SENT[0]
-    # Spread out, so that the rate allows each: the waiters' bound holds.
-    for _ in range(20):
-        pair.clock.advance(0.25)
-        calls.append(_result(pair.client.keyUpdate(requestPeer=True)))
-    assert len(watcher.peerWaiters) == MAX_WAITERS
-    assert calls[-1][0].check(AlreadyInProgress)
     waiting = [c for c in calls if not c]
+    for _ in range(10):
+        pair.pump.flush()
+        pair.clock.advance(0.5)
     pair.pump.flush()
     assert all(c == [None] for c in waiting)
-    assert watcher.peerWaiters == []
+    assert watcher.peerWaiters == [] and watcher.heldUpdates == []
     assert pair.server.updates[0] is True
-    assert pair.client.rekeyStats.keyUpdatesRequested == 1
+    assert pair.client.lost is None and pair.server.lost is None
 
 
 def test_renegotiate_in_a_loop_is_bounded(cert_files: Any) -> None:
@@ -954,16 +952,41 @@ def test_answers_to_our_requests_are_not_counted(cert_files: Any) -> None:
     assert pair.server.rekeyStats.bytesSent == 0
 
 
-def test_rate_limited_key_update_is_not_sent(cert_files: Any) -> None:
+def test_key_updates_past_the_rate_wait_for_it(cert_files: Any) -> None:
+    """
+    The application asking for KeyUpdates faster than peers accept: the
+    ones past the rate are held (their Deferreds fire when sent), a few at
+    most; the rest fail with RotationRateLimited and send nothing.
+    """
     pair = Pair(cert_files)
-    count, _ = KEY_UPDATE_RATE_SENT
-    results = [_result(pair.client.keyUpdate()) for _ in range(count + 1)]
+    count, window = KEY_UPDATE_RATE_SENT
+    results = [_result(pair.client.keyUpdate()) for _ in range(count + MAX_WAITERS + 5)]
     assert results[:count] == [[None]] * count
-    assert results[count][0].check(RotationRateLimited)
+    held = results[count : count + MAX_WAITERS]
+    assert held == [[]] * MAX_WAITERS
+    assert all(r[0].check(RotationRateLimited) for r in results[count + MAX_WAITERS :])
     pair.pump.flush()
     assert pair.server.rekeyStats.keyUpdatesReceived == count
-    pair.clock.advance(1.2)
-    assert _result(pair.client.keyUpdate()) == [None]
+    sent = [pair.server.rekeyStats.keyUpdatesReceived]
+    for _ in range(30):
+        pair.clock.advance(0.1)
+        pair.pump.flush()
+        sent.append(pair.server.rekeyStats.keyUpdatesReceived)
+    assert held == [[None]] * MAX_WAITERS
+    assert sent[-1] == count + MAX_WAITERS
+    # Never more than the rate within a window, on the wire.
+    steps = int(window / 0.1)
+    assert all(b - a <= count for a, b in zip(sent, sent[steps:]))
+
+
+def test_held_key_updates_fail_when_the_connection_goes(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    count, _ = KEY_UPDATE_RATE_SENT
+    results = [_result(pair.client.keyUpdate()) for _ in range(count + 2)]
+    pair.client.transport.abortConnection()  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert all(r[0].check(PeerRefused) for r in results[count:])
+    assert not pair.clock.getDelayedCalls()
 
 
 # -- closing during a renegotiation -----------------------------------------------

@@ -33,6 +33,7 @@ from test_protocol import Pair, Peer, _result
 
 from twisted_rekey import (
     AlreadyInProgress,
+    ConnectionStateError,
     PeerRefused,
     RotationRateLimited,
     WrongProtocolVersion,
@@ -147,7 +148,8 @@ class Rotations(RuleBasedStateMachine):
         assert pair.client.lost is not None and pair.server.lost is not None
         for result in self.waiting:
             assert result, "a Deferred never fired"
-            self.refusedOnly(result, PeerRefused)
+            # Held for the sending rate until after the close: refused.
+            self.refusedOnly(result, PeerRefused, ConnectionStateError)
         assert pair.clock.getDelayedCalls() == []
 
 

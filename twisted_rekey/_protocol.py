@@ -167,17 +167,17 @@ class _Throttle:
     __slots__ = ("held", "last")
 
     def __init__(self) -> None:
+        #: Counted and not reported yet.
         self.held = 0
         self.last = -LOG_INTERVAL
 
-    def due(self, now: float, n: int = 1) -> int:
-        """Count *n* events; how many to report now (0: hold them)."""
+    def due(self, now: float, n: int = 1) -> bool:
+        """Count *n* events; whether to report :attr:`held` now."""
         self.held += n
         if now - self.last < LOG_INTERVAL:
-            return 0
+            return False
         self.last = now
-        held, self.held = self.held, 0
-        return held
+        return True
 
 
 @dataclass(frozen=True)
@@ -311,6 +311,10 @@ class _Watcher:
         self.abuseReason: str | None = None
         self.receivedLog = _Throttle()
         self.answeredLog = _Throttle()
+        self.requestsUnlogged = 0
+        self.lastRequested = False
+        # The application's KeyUpdates waiting for the sending rate.
+        self.heldUpdates: list[tuple[Any, Deferred[None]]] = []
         # loseConnection() met a handshake in progress: close once it ends.
         self.closeAfterHandshake = False
         self.closeTimer: Any = None
@@ -595,6 +599,12 @@ class _Watcher:
             self.rotation.stop()
         if self.dirty:
             self.processEvents(answer=False)
+        # What the throttled events held back, once, so that the log adds
+        # up to the connection's figures.
+        if self.receivedLog.held:
+            self.logReceived(self.received)
+        if self.answeredLog.held:
+            self.logAnswered()
         if self.refused:
             message = "the peer refused to renegotiate (no_renegotiation alert)"
         else:
@@ -603,6 +613,13 @@ class _Watcher:
             error = PeerRefused(message)
             error.__cause__ = reason.value
             waiter.fail(error)
+        held, self.heldUpdates = self.heldUpdates, []
+        for call, deferred in held:
+            if call.active():
+                call.cancel()
+            error = PeerRefused("the connection was lost before the KeyUpdate was sent")
+            error.__cause__ = reason.value
+            deferred.errback(error)
         self.peerWaiters = []
         self.renegWaiters = []
         try:
@@ -668,17 +685,10 @@ class _Watcher:
             self.answer()
         fire: list[_Waiter] = []
         if updates:
-            now = self.clock.seconds()
-            report = self.receivedLog.due(now, len(updates))
-            if report:
-                _log.info(
-                    "peer sent {updates} KeyUpdate(s) (last update_requested="
-                    "{requested})",
-                    rekey_event="key_update_received",
-                    requested=updates[-1],
-                    updates=report,
-                    count=self.received + len(updates),
-                )
+            self.requestsUnlogged += sum(updates)
+            self.lastRequested = updates[-1]
+            if self.receivedLog.due(self.clock.seconds(), len(updates)):
+                self.logReceived(self.received + len(updates))
         for requested in updates:
             self.received += 1
             self.bytesReceivedMark = self.bytesReceived
@@ -763,6 +773,27 @@ class _Watcher:
             self.closeAfterHandshake = False
             self.tls._shutdownTLS()
 
+    def logReceived(self, count: int) -> None:
+        # Throttled: one event for what arrived since the last one.
+        held, self.receivedLog.held = self.receivedLog.held, 0
+        requests, self.requestsUnlogged = self.requestsUnlogged, 0
+        _log.info(
+            "peer sent {updates} KeyUpdate(s), {requests} with update_requested",
+            rekey_event="key_update_received",
+            requested=self.lastRequested,
+            updates=held,
+            requests=requests,
+            count=count,
+        )
+
+    def logAnswered(self) -> None:
+        held, self.answeredLog.held = self.answeredLog.held, 0
+        _log.info(
+            "answered {answers} KeyUpdate request(s) of the peer",
+            rekey_event="key_update_answered",
+            answers=held,
+        )
+
     def callHook(self, hook: Callable[..., object], *args: object) -> None:
         try:
             hook(*args)
@@ -802,13 +833,8 @@ class _Watcher:
             )
             return
         self.flush()
-        report = self.answeredLog.due(self.clock.seconds())
-        if report:
-            _log.info(
-                "answered {answers} KeyUpdate request(s) of the peer",
-                rekey_event="key_update_answered",
-                answers=report,
-            )
+        if self.answeredLog.due(self.clock.seconds()):
+            self.logAnswered()
 
     # -- our own rotations
 
@@ -851,12 +877,70 @@ class _Watcher:
                 )
             )
         try:
+            if self.closing():
+                raise ConnectionStateError(
+                    "keyUpdate() after loseConnection() or connection loss"
+                )
+            delay = self.sendDelay()
+            if delay > 0:
+                return self.holdKeyUpdate(delay, requestPeer, timeout, reason)
             self.sendKeyUpdate(requestPeer, reason)
         except Exception:
             return fail()
         if not requestPeer:
             return succeed(None)
         return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
+
+    def sendDelay(self) -> float:
+        """
+        Seconds until one more KeyUpdate of ours stays within what peers
+        accept (KEY_UPDATE_RATE_SENT, KEY_UPDATES_IN_A_ROW_SENT, counted on
+        every KeyUpdate we send, answers included): 0 for now.
+
+        :raises RotationRateLimited: when only application data sent by us
+            can allow one.
+        """
+        now = self.clock.seconds()
+        if self.bytesSent != self.bytesAtLastSent:
+            self.bytesAtLastSent = self.bytesSent
+            self.outbound.data()
+        allowed = self.outbound.next_allowed(now)
+        if allowed is None:
+            raise RotationRateLimited(
+                "another KeyUpdate now would exceed what peers accept (too "
+                "many in a row without application data sent)"
+            )
+        return float(allowed - now)
+
+    def holdKeyUpdate(
+        self, delay: float, requestPeer: bool, timeout: float | None, reason: str
+    ) -> Deferred[None]:
+        """
+        The application's KeyUpdate, held until the sending rate allows it;
+        at most MAX_WAITERS held at a time.
+        """
+        if len(self.heldUpdates) >= MAX_WAITERS:
+            raise RotationRateLimited(
+                f"another KeyUpdate now would exceed what peers accept (too "
+                f"many within a second), and {MAX_WAITERS} already wait for "
+                f"the rate to allow them; possible again in {delay:.3f} s"
+            )
+
+        def cancel(_: object) -> None:
+            if entry in self.heldUpdates:
+                self.heldUpdates.remove(entry)
+            if call.active():
+                call.cancel()
+
+        def release() -> None:
+            self.heldUpdates.remove(entry)
+            self.keyUpdate(requestPeer, timeout, reason).chainDeferred(held)
+
+        held: Deferred[None] = Deferred(cancel)
+        call = self.clock.callLater(delay, release)
+        entry = (call, held)
+        self.heldUpdates.append(entry)
+        return held
 
     def sendKeyUpdate(self, requestPeer: bool, reason: str) -> None:
         """
@@ -873,23 +957,12 @@ class _Watcher:
         send = requestPeer and not self.requestOutstanding
         self.flushApplication()
         # Whatever asks (a policy, the application), no KeyUpdate of ours
-        # goes past the bounds peers enforce: KEY_UPDATE_RATE_SENT and
-        # KEY_UPDATES_IN_A_ROW_SENT, counted on every KeyUpdate we send.
-        now = self.clock.seconds()
-        if self.bytesSent != self.bytesAtLastSent:
-            self.bytesAtLastSent = self.bytesSent
-            self.outbound.data()
-        allowed = self.outbound.next_allowed(now)
-        if allowed is None or allowed > now:
+        # goes past the bounds peers enforce.
+        delay = self.sendDelay()
+        if delay > 0:
             raise RotationRateLimited(
-                "another KeyUpdate now would exceed what peers accept ("
-                + (
-                    "too many in a row without application data sent"
-                    if allowed is None
-                    else f"too many within a second; possible again in "
-                    f"{allowed - now:.3f} s"
-                )
-                + ")"
+                "another KeyUpdate now would exceed what peers accept (too "
+                f"many within a second); possible again in {delay:.3f} s"
             )
         key_update(self.conn, send)
         self.flush()
@@ -1068,10 +1141,13 @@ class RekeyProtocolMixin:
       that no call pattern grows memory without bound.
       Without *requestPeer*, each call sends its own KeyUpdate.
     * A KeyUpdate that would take this side past
-      :data:`~twisted_rekey.KEY_UPDATE_RATE_SENT` or
-      :data:`~twisted_rekey.KEY_UPDATES_IN_A_ROW_SENT` (what GnuTLS,
-      rustls and BoringSSL accept) is not sent: :meth:`keyUpdate` fails
-      with :class:`~twisted_rekey.RotationRateLimited`.
+      :data:`~twisted_rekey.KEY_UPDATE_RATE_SENT` (what GnuTLS accepts)
+      waits until the rate allows it, and its Deferred fires then (at most
+      8 wait; one more fails with
+      :class:`~twisted_rekey.RotationRateLimited`).  One past
+      :data:`~twisted_rekey.KEY_UPDATES_IN_A_ROW_SENT` (rustls, BoringSSL)
+      can only be allowed by data we send: :meth:`keyUpdate` fails at once
+      with :class:`~twisted_rekey.RotationRateLimited` and sends nothing.
     * :meth:`keyUpdate` on a TLS 1.2 connection (renegotiating or not) fails
       with :class:`~twisted_rekey.WrongProtocolVersion`;
       :meth:`renegotiate` while a renegotiation (either side's) is running
