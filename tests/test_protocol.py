@@ -456,13 +456,18 @@ def test_key_update_flood_dropped(
     assert pair.client.lost is not None
 
 
-def test_key_updates_with_data_between_are_fine(cert_files: Any) -> None:
-    pair = Pair(cert_files)
-    for _ in range(3):
-        _flood(pair.client, 20)
+def _bursts(pair: Pair, bursts: int, size: int, seconds: float) -> None:
+    """*bursts* times: *size* KeyUpdates, a byte of data, *seconds* pass."""
+    for _ in range(bursts):
+        _flood(pair.client, size)
         pair.client.transport.write(b"d")  # type: ignore[union-attr]
         pair.pump.flush()
-        pair.clock.advance(1)
+        pair.clock.advance(seconds)
+
+
+def test_key_updates_with_data_between_are_fine(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    _bursts(pair, 3, 20, 1)
     assert pair.server.lost is None
     assert pair.server.rekeyStats.keyUpdatesReceived == 60
 
@@ -922,11 +927,7 @@ def test_received_key_update_events_are_rate_limited(
 ) -> None:
     """Within the bounds, still at most one event a second per connection."""
     pair = Pair(cert_files)
-    for _ in range(30):
-        _flood(pair.client, 1)
-        pair.client.transport.write(b"d")  # type: ignore[union-attr]
-        pair.pump.flush()
-        pair.clock.advance(0.1)
+    _bursts(pair, 30, 1, 0.1)
     assert pair.server.lost is None
     assert pair.server.rekeyStats.keyUpdatesReceived == 30
     received = [e for e in events.events if e["rekey_event"] == "key_update_received"]

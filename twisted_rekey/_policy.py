@@ -217,6 +217,17 @@ class KeyUpdateCounter:
         return now
 
 
+def _records(nbytes: int, records: int | None) -> int:
+    """The records *nbytes* took: as reported, or estimated."""
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, not {nbytes}")
+    if records is None:
+        return -(-nbytes // _RECORD_PAYLOAD)
+    if records < 0:
+        raise ValueError(f"records must be >= 0, not {records}")
+    return records
+
+
 def _check_seconds(name: str, value: object, *, optional: bool) -> None:
     if value is None and optional:
         return
@@ -648,12 +659,7 @@ class RotationSchedule:
 
         .. versionadded:: 0.1.0
         """
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
-        if records is None:
-            records = -(-nbytes // _RECORD_PAYLOAD)
-        elif records < 0:
-            raise ValueError(f"records must be >= 0, not {records}")
+        records = _records(nbytes, records)
         self._bytes += nbytes
         self._records += records
         self._total_bytes += nbytes
@@ -679,12 +685,7 @@ class RotationSchedule:
 
         .. versionadded:: 0.1.0
         """
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
-        if records is None:
-            records = -(-nbytes // _RECORD_PAYLOAD)
-        elif records < 0:
-            raise ValueError(f"records must be >= 0, not {records}")
+        records = _records(nbytes, records)
         self._peer_bytes += nbytes
         self._peer_records += records
         self._total_bytes_received += nbytes

@@ -671,13 +671,7 @@ class _Watcher:
                 )
                 self.drop(KeyUpdateFlood(flood))
             else:
-                reason = abuse or "a guard tripped"
-                _log.warn(
-                    "dropping a client that renegotiates too often: {reason}",
-                    rekey_event="client_renegotiation_rate_limited",
-                    reason=reason,
-                )
-                self.drop(RenegotiationRateLimited(reason))
+                self.dropRenegotiator(abuse or "a guard tripped")
             return
 
         updates, self.peerUpdates = self.peerUpdates, []
@@ -723,12 +717,7 @@ class _Watcher:
 
         if self.abuseReason is not None and not self.lost:
             reason, self.abuseReason = self.abuseReason, None
-            _log.warn(
-                "dropping a client that renegotiates too often: {reason}",
-                rekey_event="client_renegotiation_rate_limited",
-                reason=reason,
-            )
-            self.drop(RenegotiationRateLimited(reason))
+            self.dropRenegotiator(reason)
             return
 
         if self.refusedByUs:
@@ -772,6 +761,14 @@ class _Watcher:
             # (shutdownTLS() waits again if not).
             self.closeAfterHandshake = False
             self.tls._shutdownTLS()
+
+    def dropRenegotiator(self, reason: str) -> None:
+        _log.warn(
+            "dropping a client that renegotiates too often: {reason}",
+            rekey_event="client_renegotiation_rate_limited",
+            reason=reason,
+        )
+        self.drop(RenegotiationRateLimited(reason))
 
     def logReceived(self, count: int) -> None:
         # Throttled: one event for what arrived since the last one.
