@@ -27,7 +27,7 @@ class FakeClock:
 
 def test_bytes_threshold_rotates_and_data_arrives() -> None:
     clock = FakeClock()
-    policy = RotationPolicy(max_bytes=10_000, min_interval=0.05, aead_limit=False)
+    policy = RotationPolicy(max_bytes=10_000, min_interval=0.2, aead_limit=False)
     pair = make_pair(client_policy=policy, clock=clock)
     sent = b""
     for i in range(50):
@@ -96,6 +96,10 @@ def test_request_peer_waits_for_the_answer() -> None:
     )
     pair = make_pair(client_policy=policy, clock=clock)
     pair.client.sendall(b"a")
+    # The peer's key is due by what it carried: the server sends first.
+    pair.server.sendall(b"hello")
+    pair.pump()
+    assert pair.take("client") == b"hello"
     clock.now += 1.5
     pair.client.sendall(b"b")
     pair.pump()
@@ -112,7 +116,7 @@ def test_request_peer_waits_for_the_answer() -> None:
 
 def test_tls12_policy_renegotiates_with_server() -> None:
     clock = FakeClock()
-    policy = RotationPolicy(max_bytes=5000, min_interval=0.05, aead_limit=False)
+    policy = RotationPolicy(max_bytes=5000, min_interval=0.2, aead_limit=False)
     pair = make_pair(
         SSL.TLS1_2_VERSION,
         allow_client_reneg=True,
@@ -122,7 +126,7 @@ def test_tls12_policy_renegotiates_with_server() -> None:
     )
     pair.client.sendall(b"start")  # starts the schedule
     for _ in range(3):
-        clock.now += 0.1
+        clock.now += 0.25
         pair.client.sendall(b"z" * 5000)
         pair.pump()
     assert pair.client.total_renegotiations() == 3
@@ -136,7 +140,7 @@ def test_tls12_client_policy_stays_off_by_default() -> None:
     default), a client's policy must not end its own connection.
     """
     clock = FakeClock()
-    policy = RotationPolicy(max_bytes=5000, min_interval=0.05, aead_limit=False)
+    policy = RotationPolicy(max_bytes=5000, min_interval=0.2, aead_limit=False)
     pair = make_pair(SSL.TLS1_2_VERSION, client_policy=policy, clock=clock)
     for _ in range(4):
         clock.now += 0.1
@@ -155,7 +159,7 @@ def test_rotation_never_fails_a_write_that_succeeded() -> None:
     comes out of the next call.
     """
     clock = FakeClock()
-    policy = RotationPolicy(max_bytes=1000, min_interval=0.05, aead_limit=False)
+    policy = RotationPolicy(max_bytes=1000, min_interval=0.2, aead_limit=False)
     pair = make_pair(client_policy=policy, clock=clock)
     pair.client.sendall(b"start")
 
@@ -216,12 +220,12 @@ def test_send_rotates_after_the_same_write_as_if_each_were_counted() -> None:
     # schedule's counters must be exact whenever they are read.
     clock = FakeClock()
     policy = RotationPolicy(
-        interval=60, jitter=0, max_bytes=10_000, min_interval=0.05, aead_limit=False
+        interval=60, jitter=0, max_bytes=10_000, min_interval=0.2, aead_limit=False
     )
     pair = make_pair(client_policy=policy, clock=clock)
     for i in range(1, 10):
         pair.client.send(b"x" * 1000)
-        clock.now += 0.01  # past min_interval by the 10th write
+        clock.now += 0.025  # past min_interval by the 10th write
         pair.pump()
         schedule = pair.client.rotation_schedule
         assert schedule is not None

@@ -55,10 +55,10 @@ def chunkFor(i: int) -> bytes:
 
 def fast(requestPeer: bool = False) -> RotationPolicy:
     return RotationPolicy(
-        interval=0.1,
-        min_interval=0.05,
+        interval=0.2,
+        min_interval=0.2,
         jitter=0.1,
-        request_peer_interval=0.2 if requestPeer else None,
+        request_peer_interval=0.4 if requestPeer else None,
     )
 
 

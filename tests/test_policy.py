@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 
 from twisted_rekey import _policy
 from twisted_rekey._policy import (
+    KEY_UPDATE_RATE_SENT,
+    KEY_UPDATES_IN_A_ROW_SENT,
     MIN_INTERVAL_LOWEST,
+    KeyUpdateCounter,
     RotationAction,
     RotationPolicy,
     RotationSchedule,
@@ -159,14 +162,24 @@ def test_interval_below_floor_says_to_lower_min_interval(name: str) -> None:
     A period below min_interval is refused, with the fix in the message.
     """
     with pytest.raises(ValueError, match="lower min_interval explicitly"):
-        RotationPolicy(**{name: 0.1})  # type: ignore[arg-type]
-    policy = RotationPolicy(**{name: 0.1, "min_interval": 0.1})  # type: ignore[arg-type]
-    assert getattr(policy, name) == 0.1
+        RotationPolicy(**{name: 0.5})  # type: ignore[arg-type]
+    policy = RotationPolicy(**{name: 0.5, "min_interval": 0.5})  # type: ignore[arg-type]
+    assert getattr(policy, name) == 0.5
 
 
 def test_lowest_min_interval_accepted() -> None:
-    policy = RotationPolicy(interval=MIN_INTERVAL_LOWEST, min_interval=0.05)
-    assert policy.min_interval == 0.05
+    policy = RotationPolicy(interval=MIN_INTERVAL_LOWEST, min_interval=0.2)
+    assert policy.min_interval == MIN_INTERVAL_LOWEST == 0.2
+
+
+@pytest.mark.parametrize("floor", [0.05, 0.1, 0.125, 0.19])
+def test_floor_below_what_gnutls_takes_is_refused(floor: float) -> None:
+    """
+    A floor that lets more than 8 KeyUpdates into one second on the wire
+    (GnuTLS's cap) is an error, not silently raised.
+    """
+    with pytest.raises(ValueError, match=r"at least 0\.2 s.*GnuTLS"):
+        RotationPolicy(interval=floor, min_interval=floor)
 
 
 def test_keyword_only_and_frozen() -> None:
@@ -304,6 +317,8 @@ def test_jitter_stays_in_bounds(interval: float, jitter: float, seed: int) -> No
         assert deadline is not None
         assert now + interval * (1 - jitter) - 1e-9 <= deadline
         assert deadline <= now + interval * (1 + jitter) + 1e-9
+        # Data between rotations: never 16 KeyUpdates in a row without it.
+        assert schedule.data_sent(now, 1) is None
         now = max(deadline, now + policy.min_interval)
         assert schedule.handle_timer(now) is not None
         schedule.rotated(now, requested_peer=False)
@@ -545,7 +560,8 @@ def test_manual_rotation_resets_schedule() -> None:
 def test_request_peer_interval() -> None:
     policy = RotationPolicy(request_peer_interval=30, jitter=0)
     schedule = start(policy, now=0.0)
-    schedule.data_sent(1.0, 10)
+    # The peer's key is due by the traffic it carries.
+    schedule.data_received(1.0, 10)
     assert schedule.get_timer() == 30.0
     action = schedule.handle_timer(30.0)
     assert action == RotationAction("key-update", "request-peer", request_peer=True)
@@ -585,6 +601,7 @@ def test_only_one_request_outstanding() -> None:
 def test_request_piggybacks_on_threshold_rotation() -> None:
     policy = RotationPolicy(max_bytes=100, request_peer_interval=30, jitter=0)
     schedule = start(policy, now=0.0)
+    schedule.data_received(1.0, 1)
     action = schedule.data_sent(31.0, 100)
     assert action == RotationAction("key-update", "bytes", request_peer=True)
 
@@ -595,17 +612,24 @@ def test_peer_rotation_postpones_request() -> None:
     """
     policy = RotationPolicy(request_peer_interval=30, jitter=0)
     schedule = start(policy, now=0.0)
-    schedule.data_sent(1.0, 10)
+    schedule.data_received(1.0, 10)
     schedule.peer_rotated(20.0, requested=False)
     assert schedule.handle_timer(30.0) is None
+    schedule.data_received(21.0, 10)
     assert schedule.get_timer() == 50.0
 
 
-def test_request_skipped_when_idle() -> None:
+def test_request_skipped_while_the_peer_sends_nothing() -> None:
+    """
+    skip_idle skips only a key that encrypted nothing: our data does not
+    make the peer's key due, the peer's data does.
+    """
     schedule = start(RotationPolicy(request_peer_interval=30, jitter=0))
     assert schedule.get_timer() is None
     assert schedule.handle_timer(100.0) is None
-    assert schedule.data_sent(100.0, 1) == RotationAction(
+    assert schedule.data_sent(100.0, 1) is None
+    assert schedule.get_timer() is None
+    assert schedule.data_received(100.0, 1) == RotationAction(
         "key-update", "request-peer", request_peer=True
     )
 
@@ -614,3 +638,162 @@ def test_repr_mentions_state() -> None:
     schedule = start(RotationPolicy(), protocol="TLSv1.2")
     assert "disabled" in repr(schedule)
     assert "key-update" in repr(start(RotationPolicy()))
+
+
+# -- each direction's key, by the traffic it carries --------------------------
+
+
+def drive(
+    schedule: RotationSchedule,
+    until: float,
+    step: float,
+    *,
+    received: int = 0,
+    sent: int = 0,
+) -> list[RotationAction]:
+    """
+    Run *schedule* from 0 to *until*, data arriving (and going) every
+    *step* seconds, performing every action at once and answering every
+    request at once, as a peer would.
+    """
+    actions = []
+    now = 0.0
+    while now < until:
+        now += step
+        for action in (
+            schedule.data_received(now, received) if received else None,
+            schedule.data_sent(now, sent) if sent else None,
+            schedule.handle_timer(now),
+        ):
+            if action is None:
+                continue
+            actions.append(action)
+            schedule.rotated(now, requested_peer=action.request_peer)
+            if action.request_peer:
+                schedule.peer_rotated(now, requested=False)
+    return actions
+
+
+@pytest.mark.parametrize("protocol", ["TLSv1.3", "TLSv1.2"])
+def test_receive_only_link_renews_the_peers_key(protocol: str) -> None:
+    """
+    A side that only receives (telemetry, log shipping) renews the key that
+    carries the data: by requests on TLS 1.3, by renegotiations on TLS 1.2.
+    """
+    policy = RotationPolicy(
+        interval=0.5, request_peer_interval=0.5, min_interval=0.5, jitter=0
+    )
+    schedule = start(policy, protocol=protocol, secure_renegotiation=True)
+    actions = drive(schedule, 5.0, 0.05, received=1024)
+    assert len(actions) >= 8
+    if protocol == "TLSv1.3":
+        assert all(a.request_peer and a.method == "key-update" for a in actions)
+    else:
+        assert all(a.method == "renegotiation" for a in actions)
+
+
+def test_tls12_interval_counts_either_direction() -> None:
+    """One renegotiation renews both keys: the interval is due by either."""
+    schedule = start(
+        RotationPolicy(interval=60, jitter=0),
+        protocol="TLSv1.2",
+        secure_renegotiation=True,
+    )
+    assert schedule.get_timer() is None
+    assert schedule.data_received(1.0, 10) is None
+    assert schedule.get_timer() == 60.0
+    assert schedule.handle_timer(60.0) == RotationAction("renegotiation", "interval")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"max_bytes": 1000}, "bytes"),
+        ({"max_records": 10}, "records"),
+        ({}, "aead-limit"),
+    ],
+)
+def test_received_traffic_counts_toward_the_peers_limits(
+    kwargs: dict[str, int], reason: str
+) -> None:
+    schedule = start(RotationPolicy(**kwargs))  # type: ignore[arg-type]
+    assert schedule.data_received(5.0, 999, records=9) is None
+    records = LIMIT if reason == "aead-limit" else 1
+    action = schedule.data_received(5.0, 1, records=records)
+    assert action == RotationAction("key-update", reason, request_peer=True)  # type: ignore[arg-type]
+    schedule.rotated(5.0, requested_peer=True)
+    # The request is outstanding: no second one, whatever arrives.
+    assert schedule.data_received(10.0, 10**6, records=LIMIT) is None
+    schedule.peer_rotated(10.5, requested=False)
+    assert schedule.bytes_received == 0
+    assert schedule.records_received == 0
+
+
+def test_skip_idle_skips_only_the_key_that_encrypted_nothing() -> None:
+    policy = RotationPolicy(interval=10, request_peer_interval=10, jitter=0)
+    schedule = start(policy)
+    schedule.data_sent(1.0, 5)
+    # Our key carried data, the peer's none: rotate ours, do not ask.
+    assert schedule.handle_timer(10.0) == RotationAction(
+        "key-update", "interval", request_peer=False
+    )
+
+
+def test_sent_rate_bound_holds_whatever_the_options() -> None:
+    """
+    Rotations and answers together never exceed KEY_UPDATE_RATE_SENT in any
+    window, even with a busy peer requesting and a byte threshold hit on
+    every write.
+    """
+    count, window = KEY_UPDATE_RATE_SENT
+    schedule = start(RotationPolicy(max_bytes=1, min_interval=MIN_INTERVAL_LOWEST))
+    sent: list[float] = []
+    ours: list[float] = []
+    for tick in range(1, 1001):
+        now = tick / 100
+        if tick % 37 == 0:
+            # The peer asks; our stack answers: a KeyUpdate of ours.
+            schedule.peer_rotated(now, requested=True)
+            sent.append(now)
+        action = schedule.data_sent(now, 100)
+        if action is not None:
+            schedule.rotated(now, requested_peer=False)
+            sent.append(now)
+            ours.append(now)
+    assert len(ours) > 5
+    # The answers alone may crowd a window (the peer's doing); a rotation
+    # of ours never makes one fuller than the bound.
+    for t in ours:
+        assert len([u for u in sent if t - window < u <= t]) <= count
+    assert all(b - a >= MIN_INTERVAL_LOWEST - 1e-9 for a, b in zip(ours, ours[1:]))
+
+
+def test_sent_run_without_data_is_bounded() -> None:
+    """
+    With skip_idle off and nothing sent, rotations stop after
+    KEY_UPDATES_IN_A_ROW_SENT (rustls and BoringSSL drop at 32) and start
+    again with the next data.
+    """
+    policy = RotationPolicy(interval=1, jitter=0, skip_idle=False)
+    schedule = start(policy)
+    actions = drive(schedule, 100.0, 0.5)
+    assert len(actions) == KEY_UPDATES_IN_A_ROW_SENT
+    assert schedule.get_timer() is None
+    assert schedule.data_sent(101.0, 1) == RotationAction(
+        "key-update", "interval", request_peer=False
+    )
+
+
+def test_counter_bounds() -> None:
+    counter = KeyUpdateCounter((3, 1.0), 5)
+    assert [counter.add(t) for t in (0.0, 0.1, 0.2)] == [None] * 3
+    assert counter.next_allowed(0.3) == pytest.approx(1.0)
+    assert counter.add(0.3) == "4 KeyUpdates within 1.0 s (limit 3)"
+    counter.add(1.5)
+    assert (
+        counter.add(2.6) == "6 KeyUpdates in a row without application data (limit 5)"
+    )
+    counter.data()
+    assert counter.next_allowed(10.0) == 10.0
+    unbounded = KeyUpdateCounter(None, None)
+    assert all(unbounded.add(0.0) is None for _ in range(1000))

@@ -21,6 +21,8 @@ from twisted.test import iosim
 from zope.interface.verify import verifyObject
 
 from twisted_rekey import (
+    KEY_UPDATE_RATE_SENT,
+    AlreadyInProgress,
     ConnectionStateError,
     IRekeyable,
     KeyUpdateFlood,
@@ -29,10 +31,12 @@ from twisted_rekey import (
     RekeyStats,
     RekeyTimeout,
     RenegotiationRateLimited,
+    RotationRateLimited,
     WrongProtocolVersion,
     get_key_update_type,
     key_update,
 )
+from twisted_rekey._protocol import MAX_WAITERS
 
 TIMEOUT = 10.0
 
@@ -272,6 +276,45 @@ def test_second_request_while_one_outstanding(cert_files: Any) -> None:
     assert pair.client.rekeyStats.keyUpdatesRequested == 2
 
 
+def test_requests_in_a_loop_are_bounded(cert_files: Any) -> None:
+    """
+    keyUpdate(requestPeer=True) in a loop while the answer is outstanding:
+    at most MAX_WAITERS wait for the answer and MAX_WAITERS for the sending
+    rate, the rest fail at once with a clear error and send nothing, and no
+    more KeyUpdates go out than peers accept.
+    """
+    pair = Pair(cert_files)
+    calls = [_result(pair.client.keyUpdate(requestPeer=True)) for _ in range(10000)]
+    watcher = pair.client._rekeyWatcher
+    assert watcher is not None
+    assert len(watcher.peerWaiters) <= MAX_WAITERS
+    assert len(watcher.heldUpdates) <= MAX_WAITERS
+    refused = [c[0] for c in calls if c]
+    assert len(refused) >= 10000 - 2 * MAX_WAITERS
+    assert all(f.check(AlreadyInProgress, RotationRateLimited) for f in refused)
+    assert pair.client.rekeyStats.keyUpdatesSent <= KEY_UPDATE_RATE_SENT[0]
+    waiting = [c for c in calls if not c]
+    for _ in range(10):
+        pair.pump.flush()
+        pair.clock.advance(0.5)
+    pair.pump.flush()
+    assert all(c == [None] for c in waiting)
+    assert watcher.peerWaiters == [] and watcher.heldUpdates == []
+    assert pair.server.updates[0] is True
+    assert pair.client.lost is None and pair.server.lost is None
+
+
+def test_renegotiate_in_a_loop_is_bounded(cert_files: Any) -> None:
+    pair = Pair(cert_files, "1.2")
+    calls = [_result(pair.server.renegotiate()) for _ in range(1000)]
+    watcher = pair.server._rekeyWatcher
+    assert watcher is not None and len(watcher.renegWaiters) == MAX_WAITERS
+    assert all(c[0].check(AlreadyInProgress) for c in calls[MAX_WAITERS:])
+    pair.pump.flush()
+    assert all(c == [None] for c in calls[:MAX_WAITERS])
+    assert pair.server.rekeyStats.renegotiations == 1
+
+
 def test_many_plain_updates_each_sent(cert_files: Any) -> None:
     pair = Pair(cert_files)
     for _ in range(5):
@@ -413,13 +456,18 @@ def test_key_update_flood_dropped(
     assert pair.client.lost is not None
 
 
-def test_key_updates_with_data_between_are_fine(cert_files: Any) -> None:
-    pair = Pair(cert_files)
-    for _ in range(3):
-        _flood(pair.client, 20)
+def _bursts(pair: Pair, bursts: int, size: int, seconds: float) -> None:
+    """*bursts* times: *size* KeyUpdates, a byte of data, *seconds* pass."""
+    for _ in range(bursts):
+        _flood(pair.client, size)
         pair.client.transport.write(b"d")  # type: ignore[union-attr]
         pair.pump.flush()
-        pair.clock.advance(1)
+        pair.clock.advance(seconds)
+
+
+def test_key_updates_with_data_between_are_fine(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    _bursts(pair, 3, 20, 1)
     assert pair.server.lost is None
     assert pair.server.rekeyStats.keyUpdatesReceived == 60
 
@@ -840,3 +888,167 @@ async def test_real_sockets_idle_answer(cert_files: Any) -> None:
 
 
 _unused: Callable[..., Any] = verifyObject
+
+
+# -- the guard holds per message --------------------------------------------------
+
+
+def test_flood_in_one_write_stops_at_the_bound(
+    cert_files: Any, events: Events, logged_failures: Any
+) -> None:
+    """
+    2,427 KeyUpdates and then data, all in one write (as one 64 KiB write
+    carries them): the guard stops OpenSSL at the bound, inside the read.
+    No KeyUpdate past it is processed, nothing after it delivered, and the
+    log says once which rule tripped.
+    """
+    pair = Pair(cert_files)
+    conn = pair.client.transport.getHandle()  # type: ignore[union-attr]
+    for _ in range(2427):
+        key_update(conn, False)
+    pair.client.transport.write(b"after the flood")  # type: ignore[union-attr]
+    pair.pump.flush()
+    limit = Peer.keyUpdateFloodLimit
+    assert limit is not None
+    assert pair.server.lost is not None and pair.server.lost.check(KeyUpdateFlood)
+    assert pair.server.rekeyStats.keyUpdatesReceived == limit + 1
+    assert pair.server.updates == []
+    assert bytes(pair.server.received) == b""
+    [flood] = [e for e in events.events if e["rekey_event"] == "key_update_flood"]
+    assert f"{limit + 1} KeyUpdates in a row" in flood["reason"]
+    assert (
+        len([e for e in events.events if e["rekey_event"] == "key_update_received"])
+        <= 1
+    )
+
+
+def test_received_key_update_events_are_rate_limited(
+    cert_files: Any, events: Events
+) -> None:
+    """Within the bounds, still at most one event a second per connection."""
+    pair = Pair(cert_files)
+    _bursts(pair, 30, 1, 0.1)
+    assert pair.server.lost is None
+    assert pair.server.rekeyStats.keyUpdatesReceived == 30
+    received = [e for e in events.events if e["rekey_event"] == "key_update_received"]
+    assert 2 <= len(received) <= 4
+    assert sum(e["updates"] for e in received) <= 30
+    assert received[-1]["count"] <= 30
+
+
+def test_answers_to_our_requests_are_not_counted(cert_files: Any) -> None:
+    """
+    A side that streams and asks the idle peer to update on every rotation
+    receives only answers, with no data between them: far more than the
+    32-in-a-row bound, and it keeps its peer.
+    """
+    pair = Pair(cert_files)
+    for _ in range(100):
+        pair.client.transport.write(b"d")  # type: ignore[union-attr]
+        assert _result(pair.client.keyUpdate(requestPeer=True)) == []
+        pair.pump.flush()
+        pair.clock.advance(0.25)
+    assert pair.client.lost is None and pair.server.lost is None
+    assert pair.client.rekeyStats.keyUpdatesReceived == 100
+    assert pair.server.rekeyStats.bytesSent == 0
+
+
+def test_key_updates_past_the_rate_wait_for_it(cert_files: Any) -> None:
+    """
+    The application asking for KeyUpdates faster than peers accept: the
+    ones past the rate are held (their Deferreds fire when sent), a few at
+    most; the rest fail with RotationRateLimited and send nothing.
+    """
+    pair = Pair(cert_files)
+    count, window = KEY_UPDATE_RATE_SENT
+    results = [_result(pair.client.keyUpdate()) for _ in range(count + MAX_WAITERS + 5)]
+    assert results[:count] == [[None]] * count
+    held = results[count : count + MAX_WAITERS]
+    assert held == [[]] * MAX_WAITERS
+    assert all(r[0].check(RotationRateLimited) for r in results[count + MAX_WAITERS :])
+    pair.pump.flush()
+    assert pair.server.rekeyStats.keyUpdatesReceived == count
+    sent = [pair.server.rekeyStats.keyUpdatesReceived]
+    for _ in range(30):
+        pair.clock.advance(0.1)
+        pair.pump.flush()
+        sent.append(pair.server.rekeyStats.keyUpdatesReceived)
+    assert held == [[None]] * MAX_WAITERS
+    assert sent[-1] == count + MAX_WAITERS
+    # Never more than the rate within a window, on the wire.
+    steps = int(window / 0.1)
+    assert all(b - a <= count for a, b in zip(sent, sent[steps:]))
+
+
+def test_held_key_updates_fail_when_the_connection_goes(cert_files: Any) -> None:
+    pair = Pair(cert_files)
+    count, _ = KEY_UPDATE_RATE_SENT
+    results = [_result(pair.client.keyUpdate()) for _ in range(count + 2)]
+    pair.client.transport.abortConnection()  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert all(r[0].check(PeerRefused) for r in results[count:])
+    assert not pair.clock.getDelayedCalls()
+
+
+# -- closing during a renegotiation -----------------------------------------------
+
+
+@pytest.mark.parametrize("closer", ["server", "client"])
+def test_lose_connection_during_renegotiation_completes(
+    cert_files: Any, closer: str
+) -> None:
+    """
+    loseConnection() while a renegotiation runs (ours: the server's; the
+    peer's: seen from the client) still sends close_notify and closes, once
+    the handshake ends, without waiting for closeTimeout.
+    """
+    pair = Pair(cert_files, "1.2")
+    reneg = _result(pair.server.renegotiate())
+    if closer == "client":
+        # The HelloRequest reaches the client, which starts its handshake.
+        pair.pump.pump()
+    side = getattr(pair, closer)
+    conn = side.transport.getHandle()
+    side.transport.loseConnection()
+    pair.pump.flush()
+    assert conn.get_shutdown() & SSL.SENT_SHUTDOWN
+    assert pair.server.lost is not None and pair.client.lost is not None
+    assert len(reneg) == 1
+    assert not pair.clock.getDelayedCalls()
+
+
+def test_lose_connection_aborts_when_renegotiation_never_ends(
+    cert_files: Any, events: Events
+) -> None:
+    pair = Pair(cert_files, "1.2")
+    _result(pair.server.renegotiate())
+    pair.pump.pump()  # the client has started its handshake
+    pair.client.transport.loseConnection()
+    # The server never answers: nothing more is pumped.
+    pair.clock.advance(Peer.closeTimeout)
+    assert "close_timeout" in events.names()
+    pair.pump.flush()
+    assert pair.client.lost is not None
+
+
+def test_peer_close_while_writes_wait_on_our_renegotiation(cert_files: Any) -> None:
+    """
+    Our renegotiation holds a write (WantRead); the peer closes; SSL_write
+    then reads the close_notify.  Twisted's own handling of that raises
+    IndexError (it expects the error's args): the mixin finishes it as a
+    clean close instead, and nothing escapes.
+    """
+
+    class Allowing(Peer):
+        allowClientRenegotiation = True
+
+    pair = Pair(cert_files, "1.2", serverClass=Allowing)
+    reneg = _result(pair.client.renegotiate())
+    pair.client.transport.write(b"\x00")  # type: ignore[union-attr]
+    pair.server.transport.loseConnection()  # type: ignore[union-attr]
+    pair.pump.flush()
+    pair.clock.advance(Peer.closeTimeout)
+    pair.pump.flush()
+    assert pair.client.lost is not None and pair.server.lost is not None
+    assert len(reneg) == 1
+    assert not pair.clock.getDelayedCalls()

@@ -217,18 +217,18 @@ def test_no_skip_idle_rotates_idle_connections(cert_files: Any) -> None:
 
 def test_granularity_follows_min_interval(cert_files: Any) -> None:
     assert granularityFor(RotationPolicy(interval=60)) == 1.0
-    fast = RotationPolicy(interval=0.1, min_interval=0.05)
-    assert granularityFor(fast) == 0.025
+    fast = RotationPolicy(interval=0.2, min_interval=0.2)
+    assert granularityFor(fast) == 0.05
     assert granularityFor(RotationPolicy(interval=2)) == 0.5
     assert granularityFor(RotationPolicy(max_bytes=1 << 30)) == 1.0
     clock = task.Clock()
     assert schedulerFor(clock, 1.0) is RotationScheduler.forReactor(clock)
     assert schedulerFor(clock, 0.025) is schedulerFor(clock, 0.025)
     assert schedulerFor(clock, 0.025).granularity == 0.025
-    one = link(cert_files, clock, RotationPolicy(interval=0.1, min_interval=0.05))
+    one = link(cert_files, clock, RotationPolicy(interval=0.2, min_interval=0.2))
     one.client.transport.write(b"x")
     one.pump.flush()
-    advance(clock, [one], 0.2, 0.025)
+    advance(clock, [one], 0.3, 0.025)
     assert one.client.rekeyStats.keyUpdatesSent == 1
     one.close()
 
@@ -298,6 +298,9 @@ def test_request_peer_one_outstanding(cert_files: Any) -> None:
     policy = RotationPolicy(request_peer_interval=10, jitter=0, aead_limit=False)
     one = link(cert_files, clock, policy)
     one.client.transport.write(b"x")
+    # The peer's key carried data: it is due for renewal.
+    one.server.transport.write(b"s")
+    one.pump.flush()
     clock.advance(10)  # due; the peer's answer is not pumped yet
     schedule = one.client.rotationSchedule
     assert one.client.rekeyStats.keyUpdatesRequested == 1
@@ -310,8 +313,10 @@ def test_request_peer_one_outstanding(cert_files: Any) -> None:
     assert one.server.updates == [True]
     assert one.client.updates == [False]
     assert not schedule.request_outstanding and schedule.peer_rotations == 1
-    # The answer re-arms the request deadline.
+    # The answer re-arms the request deadline, and the peer's new key
+    # carries data again.
     one.client.transport.write(b"z")
+    one.server.transport.write(b"t")
     advance(clock, [one], 11, 1)
     assert one.client.rekeyStats.keyUpdatesRequested == 2
     assert one.server.updates == [True, True]
@@ -496,6 +501,8 @@ def test_loss_while_request_unanswered(cert_files: Any) -> None:
     policy = RotationPolicy(request_peer_interval=5, jitter=0, aead_limit=False)
     one = link(cert_files, clock, policy)
     one.client.transport.write(b"x")
+    one.server.transport.write(b"s")
+    one.pump.flush()
     clock.advance(5)
     assert one.client.rotationSchedule.request_outstanding
     one.client.transport.abortConnection()

@@ -596,7 +596,7 @@ def test_sighup_reloads_certificates_under_open_connections(
             "--interval",
             "off",
             "--min-interval",
-            "0.05",
+            "0.2",
         ) as tunnel,
     ):
         port = tunnel.port
@@ -616,7 +616,7 @@ def test_sighup_reloads_certificates_under_open_connections(
 
             cert.write_bytes(pki["server2"].read_bytes())
             key.write_bytes(pki["server2-key"].read_bytes())
-            time.sleep(0.2)  # keys older than --min-interval: rotated
+            time.sleep(0.3)  # keys older than --min-interval: rotated
             os.kill(tunnel.process.pid, signal.SIGHUP)
             tunnel.wait_for(r"certificates reloaded, new connections use them")
             client.expect_key_update(False, timeout=WAIT)
@@ -663,7 +663,7 @@ def test_sighup_renegotiates_open_tls12_connections(
             "--interval",
             "off",
             "--min-interval",
-            "0.05",
+            "0.2",
         ) as tunnel,
     ):
         with OpenSSLClient(
@@ -671,7 +671,7 @@ def test_sighup_renegotiates_open_tls12_connections(
         ) as client:
             client.send_line("before the reload")
             client.expect(r"^before the reload", timeout=WAIT)
-            time.sleep(0.2)  # keys older than --min-interval: rotated
+            time.sleep(0.3)  # keys older than --min-interval: rotated
             os.kill(tunnel.process.pid, signal.SIGHUP)
             client.expect_hello_request(timeout=WAIT)
             tunnel.wait_for(r"keys rotated after the certificate reload")

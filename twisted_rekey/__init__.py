@@ -34,6 +34,8 @@ from ._connection import (
     total_renegotiations,
 )
 from ._policy import (
+    KEY_UPDATE_RATE_SENT,
+    KEY_UPDATES_IN_A_ROW_SENT,
     MIN_INTERVAL_LOWEST,
     RotationAction,
     RotationPolicy,
@@ -53,6 +55,7 @@ from .exceptions import (
     RekeyError,
     RekeyTimeout,
     RenegotiationRateLimited,
+    RotationRateLimited,
     WrongProtocolVersion,
 )
 
@@ -122,6 +125,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "KEY_UPDATES_IN_A_ROW_SENT",
+    "KEY_UPDATE_RATE_SENT",
     "MIN_INTERVAL_LOWEST",
     "OP_ALLOW_CLIENT_RENEGOTIATION",
     "OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION",
@@ -150,6 +155,7 @@ __all__ = [
     "RotatingFactory",
     "RotationAction",
     "RotationPolicy",
+    "RotationRateLimited",
     "RotationSchedule",
     "RotationScheduler",
     "WrongProtocolVersion",

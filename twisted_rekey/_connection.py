@@ -720,9 +720,11 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
         """As :meth:`OpenSSL.SSL.Connection.recv`."""
         try:
-            return bytes(super().recv(bufsiz, flags))
+            data = bytes(super().recv(bufsiz, flags))
         finally:
             self._rekey_reraise()
+        self._rekey_account(len(data), received=True)
+        return data
 
     read = recv
 
@@ -731,9 +733,11 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     ) -> int:
         """As :meth:`OpenSSL.SSL.Connection.recv_into`."""
         try:
-            return int(super().recv_into(buffer, nbytes, flags))
+            received = int(super().recv_into(buffer, nbytes, flags))
         finally:
             self._rekey_reraise()
+        self._rekey_account(received, received=True)
+        return received
 
     def send(self, buf: Any, flags: int = 0) -> int:
         """As :meth:`OpenSSL.SSL.Connection.send`, then the policy."""
@@ -807,14 +811,17 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             )
         return schedule
 
-    def _rekey_account(self, nbytes: int) -> None:
+    def _rekey_account(self, nbytes: int, received: bool = False) -> None:
         # Tell the schedule what was sent (*nbytes* more, and whatever the
-        # per-write path held back), rotate if it says so, and work out how
-        # much may be sent before it must be asked again.
+        # per-write path held back) or, with *received*, what the peer sent
+        # (each direction's bytes count toward its own key: a connection
+        # that only receives renews the peer's key too); rotate if it says
+        # so, and work out how much may be sent before it must be asked again.
         if self._rekey_policy is None or self.rotation_error is not None:
             return
-        self._rekey_unsent += nbytes
-        self._rekey_unsent_records -= -nbytes // _RECORD_PAYLOAD
+        if not received:
+            self._rekey_unsent += nbytes
+            self._rekey_unsent_records -= -nbytes // _RECORD_PAYLOAD
         now = self._rekey_clock()
         schedule = self._rekey_schedule or self._rekey_start(now)
         if schedule is None or schedule.disabled_reason is not None:
@@ -824,6 +831,8 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         # data_sent() already says whatever is due at *now*, timed rotations
         # included: asking get_timer() as well would only repeat it.
         action = self._rekey_tell(schedule, now)
+        if action is None and received and nbytes:
+            action = schedule.data_received(now, nbytes)
         if action is None:
             action = schedule.handle_timer(now)
         if action is not None:

@@ -21,11 +21,15 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "KEY_UPDATES_IN_A_ROW_SENT",
+    "KEY_UPDATE_RATE_SENT",
     "MIN_INTERVAL_LOWEST",
+    "KeyUpdateCounter",
     "RotationAction",
     "RotationMethod",
     "RotationPolicy",
@@ -47,11 +51,27 @@ Why a rotation is due: the timed interval passed, ``max_bytes`` or
 near, or the peer's key is due for renewal (``request_peer_interval``).
 """
 
-MIN_INTERVAL_LOWEST = 0.05
+MIN_INTERVAL_LOWEST = 0.2
 """
-The lowest ``min_interval`` accepted, in seconds.  Below it a policy could
-send a burst of KeyUpdates that peers treat as an attack (GnuTLS 3.7.9 drops
-a peer at the 9th KeyUpdate within one second).
+The lowest ``min_interval`` accepted, in seconds.  GnuTLS drops a peer at
+the 9th KeyUpdate within one second, counted on arrival: gaps on the wire
+came out up to ~17 ms shorter than the sender's floor, so 0.125 s leaves no
+margin; 0.2 s (at most 6 in any second on the wire) held.
+"""
+
+KEY_UPDATE_RATE_SENT = (6, 1.1)
+"""
+``(count, seconds)``: the most KeyUpdates this library sends (rotations,
+requests and answers together) within any window of *seconds*, whatever a
+policy or the application asks.  GnuTLS allows 8 per rolling second; the
+window is 0.1 s longer than GnuTLS's, for the gaps the wire shortens.
+"""
+
+KEY_UPDATES_IN_A_ROW_SENT = 16
+"""
+The most KeyUpdates this library sends in a row without application data
+of its own between them.  rustls and BoringSSL end a connection at 32 in a
+row, Go counts 16 "useless" records: half of the first, and the second.
 """
 
 _RECORD_PAYLOAD = 16384  # the largest TLS plaintext record (RFC 8446 §5.1)
@@ -109,6 +129,103 @@ def aead_record_limit(cipher_name: str | None) -> int | None:
     if any(token.startswith(_BLOCK128_CIPHERS) for token in tokens):
         return _BLOCK128_AEAD_RECORDS
     return None
+
+
+class KeyUpdateCounter:
+    """
+    The KeyUpdates of one direction of one connection: how many within a
+    rolling window, and how many in a row without application data.  The
+    same counter bounds what this library sends (with
+    :data:`KEY_UPDATE_RATE_SENT` and :data:`KEY_UPDATES_IN_A_ROW_SENT`) and
+    what it accepts from a peer (the Twisted layer's flood guard), so the
+    two rules cannot drift apart.  Constant memory: it keeps the times of
+    the last *count* + 1 KeyUpdates only.
+
+    :param rate: ``(count, seconds)``: at most *count* within *seconds*, or
+        ``None`` for no rate bound.
+    :param in_a_row: at most this many in a row without application data,
+        or ``None`` for no such bound.
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = ("_count", "_times", "_window", "in_a_row", "in_a_row_limit")
+
+    def __init__(self, rate: tuple[int, float] | None, in_a_row: int | None) -> None:
+        if rate is None:
+            self._count = 0
+            self._window = 0.0
+            self._times: deque[float] | None = None
+        else:
+            self._count, self._window = rate
+            self._times = deque(maxlen=self._count + 1)
+        self.in_a_row_limit = in_a_row
+        #: KeyUpdates since the last application data.
+        self.in_a_row = 0
+
+    @classmethod
+    def for_sending(cls) -> KeyUpdateCounter:
+        """
+        A counter with the bounds of what this library sends:
+        :data:`KEY_UPDATE_RATE_SENT` and :data:`KEY_UPDATES_IN_A_ROW_SENT`.
+        """
+        return cls(KEY_UPDATE_RATE_SENT, KEY_UPDATES_IN_A_ROW_SENT)
+
+    def data(self) -> None:
+        """Application data passed: the run of KeyUpdates ends."""
+        self.in_a_row = 0
+
+    def add(self, now: float) -> str | None:
+        """
+        Count one KeyUpdate at *now*.
+
+        :returns: which bound it crossed, in a sentence fit for a log, or
+            ``None`` while within both.
+        """
+        self.in_a_row += 1
+        limit = self.in_a_row_limit
+        if limit is not None and self.in_a_row > limit:
+            return (
+                f"{self.in_a_row} KeyUpdates in a row without application "
+                f"data (limit {limit})"
+            )
+        times = self._times
+        if times is not None:
+            times.append(now)
+            if len(times) > self._count and times[0] > now - self._window:
+                return (
+                    f"{len(times)} KeyUpdates within {self._window} s "
+                    f"(limit {self._count})"
+                )
+        return None
+
+    def next_allowed(self, now: float) -> float | None:
+        """
+        The earliest time one more KeyUpdate stays within both bounds:
+        *now* or later, or ``None`` when only application data can allow
+        one (the run without data is at its bound).
+        """
+        limit = self.in_a_row_limit
+        if limit is not None and self.in_a_row >= limit:
+            return None
+        times = self._times
+        if times is not None and self._count and len(times) >= self._count:
+            # A microsecond past the window's end, against rounding.
+            return max(now, times[-self._count] + self._window + 1e-6)
+        if times is not None and not self._count:
+            return None
+        return now
+
+
+def _records(nbytes: int, records: int | None) -> int:
+    """The records *nbytes* took: as reported, or estimated."""
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, not {nbytes}")
+    if records is None:
+        return -(-nbytes // _RECORD_PAYLOAD)
+    if records < 0:
+        raise ValueError(f"records must be >= 0, not {records}")
+    return records
 
 
 def _check_seconds(name: str, value: object, *, optional: bool) -> None:
@@ -174,27 +291,32 @@ class RotationPolicy:
         ``interval * (1 - jitter)`` to ``interval * (1 + jitter)`` (and the
         same for *request_peer_interval*), so that connections opened
         together do not all rotate together.  ``0 <= jitter < 1``.
-    :param max_bytes: rotate after this many bytes of application data were
-        sent under one key, or ``None``.
-    :param max_records: rotate after this many TLS records were sent under
-        one key, or ``None``.
-    :param aead_limit: also rotate before the confidentiality limit of the
-        negotiated cipher (:func:`aead_record_limit`).
+    :param max_bytes: rotate a key after it protected this many bytes of
+        application data, or ``None``.  Each direction counts its own: bytes
+        we sent count toward our key, bytes received toward the peer's
+        (renewed by a request on TLS 1.3, by a renegotiation on TLS 1.2).
+    :param max_records: the same, in TLS records, or ``None``.
+    :param aead_limit: also rotate each direction's key before the
+        confidentiality limit of the negotiated cipher
+        (:func:`aead_record_limit`).
     :param request_peer_interval: seconds after which the peer's sending key
         is due for renewal: the next rotation asks the peer to rotate too
         (KeyUpdate ``update_requested``), at most one request being
         outstanding at a time; on TLS 1.2 a renegotiation renews both
-        directions.  ``None`` never asks.
+        directions.  ``None`` never asks by time.
     :param min_interval: the least time, in seconds, between two rotations
         of ours, whatever triggered them; a threshold reached sooner waits.
-        At least :data:`MIN_INTERVAL_LOWEST`.  The default of one second
-        keeps well clear of GnuTLS, which drops a peer at the 9th KeyUpdate
-        within one second.
-    :param skip_idle: skip a timed rotation (*interval* or
-        *request_peer_interval*) when no application data was sent since the
-        last rotation; it becomes due with the next data sent.  A key that
-        encrypted nothing gains nothing from rotating, and rustls and
-        BoringSSL drop a peer after 32 KeyUpdates in a row without data.
+        At least :data:`MIN_INTERVAL_LOWEST` (0.2 s).  Whatever it says, no
+        more than :data:`KEY_UPDATE_RATE_SENT` KeyUpdates go out in any
+        window, nor more than :data:`KEY_UPDATES_IN_A_ROW_SENT` in a row
+        without application data sent; a rotation due beyond that waits.
+    :param skip_idle: skip a timed rotation of a key that encrypted nothing
+        since it came into use: *interval* skips while we sent nothing,
+        *request_peer_interval* while the peer sent nothing (on TLS 1.2,
+        where one renegotiation renews both, *interval* skips only while
+        neither side sent anything).  It becomes due with the next data of
+        that direction.  A key that encrypted nothing gains nothing from
+        rotating.
     :param rng: the random number generator of the jitter; tests pass a
         seeded :class:`random.Random`.  ``None`` uses a private one.
 
@@ -235,7 +357,8 @@ class RotationPolicy:
         if min_interval < MIN_INTERVAL_LOWEST:
             raise ValueError(
                 f"min_interval must be at least {MIN_INTERVAL_LOWEST} s, not "
-                f"{min_interval}: bursts of KeyUpdates get a connection dropped"
+                f"{min_interval}: GnuTLS drops a peer that sends more than 8 "
+                f"KeyUpdates within one second"
             )
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):
             raise TypeError(f"jitter must be a number, not {type(jitter).__name__}")
@@ -384,6 +507,15 @@ class RotationSchedule:
         self._records = 0
         self._total_bytes = 0
         self._total_records = 0
+        # Under the peer's current sending key.
+        self._peer_bytes = 0
+        self._peer_records = 0
+        self._total_bytes_received = 0
+        self._total_records_received = 0
+        # Every KeyUpdate we send, answers included: the rate and run
+        # bounds no policy option can lift.
+        self._sent_updates = KeyUpdateCounter.for_sending()
+        self._bytes_at_update = 0
         self._rotations = 0
         self._peer_rotations = 0
         self._issued: RotationAction | None = None
@@ -453,6 +585,21 @@ class RotationSchedule:
         return self._total_records
 
     @property
+    def bytes_received(self) -> int:
+        """Bytes of application data received under the peer's current key."""
+        return self._peer_bytes
+
+    @property
+    def records_received(self) -> int:
+        """Records received (or estimated) under the peer's current key."""
+        return self._peer_records
+
+    @property
+    def total_bytes_received(self) -> int:
+        """Bytes of application data received since :meth:`RotationPolicy.start`."""
+        return self._total_bytes_received
+
+    @property
     def last_rotation(self) -> float:
         """
         When the current sending key came into use: the time of the last
@@ -512,16 +659,37 @@ class RotationSchedule:
 
         .. versionadded:: 0.1.0
         """
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
-        if records is None:
-            records = -(-nbytes // _RECORD_PAYLOAD)
-        elif records < 0:
-            raise ValueError(f"records must be >= 0, not {records}")
+        records = _records(nbytes, records)
         self._bytes += nbytes
         self._records += records
         self._total_bytes += nbytes
         self._total_records += records
+        return self._issue(now)
+
+    def data_received(
+        self, now: float, nbytes: int, records: int | None = None
+    ) -> RotationAction | None:
+        """
+        Count application data received under the peer's current key.  It
+        makes the peer's key due for renewal by ``max_bytes``,
+        ``max_records``, the AEAD limit and ``request_peer_interval``, as
+        :meth:`data_sent` does for ours.  A caller may sum several reads
+        into one call.
+
+        :param now: the current time.
+        :param nbytes: bytes of application data received.
+        :param records: TLS records they took, when known; otherwise
+            ``ceil(nbytes / 16384)``.
+        :returns: the rotation now due, if any.
+        :raises ValueError: if *nbytes* or *records* is negative.
+
+        .. versionadded:: 0.1.0
+        """
+        records = _records(nbytes, records)
+        self._peer_bytes += nbytes
+        self._peer_records += records
+        self._total_bytes_received += nbytes
+        self._total_records_received += records
         return self._issue(now)
 
     def get_timer(self) -> float | None:
@@ -539,14 +707,17 @@ class RotationSchedule:
         if self._method is None or self._issued is not None:
             return None
         floor = self._floor()
+        if floor is None:
+            return None
         if self._threshold_reason() is not None:
             return floor
-        if self._policy.skip_idle and not self._bytes:
-            return None
         deadlines = [
-            d
-            for d in (self._interval_deadline, self._request_deadline)
-            if d is not None
+            deadline
+            for deadline, used in (
+                (self._interval_deadline, self._own_key_used()),
+                (self._request_deadline, self._peer_key_used()),
+            )
+            if deadline is not None and (used or not self._policy.skip_idle)
         ]
         if not deadlines:
             return None
@@ -582,8 +753,11 @@ class RotationSchedule:
         self._rotations += 1
         self._new_key(now)
         if self._method == "renegotiation":
+            self._new_peer_key()
             self._arm_request(now)
-        elif requested_peer:
+            return
+        self._sent_update(now)
+        if requested_peer:
             self._request_outstanding = True
             self._request_deadline = None
 
@@ -616,11 +790,35 @@ class RotationSchedule:
         """
         self._peer_rotations += 1
         self._request_outstanding = False
+        self._new_peer_key()
         self._arm_request(now)
         if requested or self._method == "renegotiation":
             self._new_key(now)
+            if self._method == "key-update":
+                # The TLS stack's answer: a KeyUpdate of ours on the wire.
+                self._sent_update(now)
 
     # -- internals ----------------------------------------------------------
+
+    def _sent_update(self, now: float) -> None:
+        if self._total_bytes != self._bytes_at_update:
+            self._bytes_at_update = self._total_bytes
+            self._sent_updates.data()
+        self._sent_updates.add(now)
+
+    def _new_peer_key(self) -> None:
+        self._peer_bytes = 0
+        self._peer_records = 0
+
+    def _own_key_used(self) -> bool:
+        # One renegotiation renews both directions: on TLS 1.2 the timed
+        # interval is the age limit of both keys.
+        if self._method == "renegotiation":
+            return bool(self._bytes or self._peer_bytes)
+        return bool(self._bytes)
+
+    def _peer_key_used(self) -> bool:
+        return bool(self._peer_bytes)
 
     def _new_key(self, now: float) -> None:
         self._last_rotation = now
@@ -639,11 +837,18 @@ class RotationSchedule:
         if interval is not None:
             self._request_deadline = now + self._policy._draw(interval)
 
-    def _floor(self) -> float:
-        return max(self._last_rotation + self._policy.min_interval, self._retry_after)
+    def _floor(self) -> float | None:
+        floor = max(self._last_rotation + self._policy.min_interval, self._retry_after)
+        if self._method != "key-update":
+            return floor
+        if self._total_bytes != self._bytes_at_update:
+            # Data went out since our last KeyUpdate: the run ended.
+            self._bytes_at_update = self._total_bytes
+            self._sent_updates.data()
+        allowed = self._sent_updates.next_allowed(floor)
+        return None if allowed is None else max(floor, allowed)
 
-    def _threshold_reason(self) -> RotationReason | None:
-        records = self._records
+    def _limit_reason(self, records: int, nbytes: int) -> RotationReason | None:
         aead = self._aead_records
         max_records = self._max_records
         if aead is not None and records >= aead:
@@ -651,26 +856,50 @@ class RotationSchedule:
                 return "aead-limit"
         if max_records is not None and records >= max_records:
             return "records"
-        if self._max_bytes is not None and self._bytes >= self._max_bytes:
+        if self._max_bytes is not None and nbytes >= self._max_bytes:
             return "bytes"
         return None
+
+    def _peer_limit_reason(self) -> RotationReason | None:
+        # The peer's key can be renewed only by asking (one request at a
+        # time) or by a renegotiation.
+        if self._request_outstanding:
+            return None
+        return self._limit_reason(self._peer_records, self._peer_bytes)
+
+    def _threshold_reason(self) -> RotationReason | None:
+        own = self._limit_reason(self._records, self._bytes)
+        peer = self._peer_limit_reason()
+        if own is None or peer is None:
+            return own or peer
+        order = ("aead-limit", "records", "bytes")
+        return own if order.index(own) <= order.index(peer) else peer
 
     def _issue(self, now: float) -> RotationAction | None:
         method = self._method
         if method is None or self._issued is not None:
             return None
-        request = self._request_deadline is not None and now >= self._request_deadline
+        skip = self._policy.skip_idle
+        peer_used = self._peer_key_used() or not skip
+        request = (
+            self._request_deadline is not None
+            and now >= self._request_deadline
+            and peer_used
+        ) or self._peer_limit_reason() is not None
         reason = self._threshold_reason()
         if reason is None:
-            if self._policy.skip_idle and not self._bytes:
-                return None
-            if self._interval_deadline is not None and now >= self._interval_deadline:
+            if (
+                self._interval_deadline is not None
+                and now >= self._interval_deadline
+                and (self._own_key_used() or not skip)
+            ):
                 reason = "interval"
             elif request:
                 reason = "request-peer"
             else:
                 return None
-        if now < self._floor():
+        floor = self._floor()
+        if floor is None or now < floor:
             return None
         action = RotationAction(
             method, reason, request_peer=request and method == "key-update"

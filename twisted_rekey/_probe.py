@@ -1355,7 +1355,7 @@ def _burst(
 def _floor(per_second: int | None) -> float:
     if not per_second:
         return MIN_INTERVAL_LOWEST
-    step = MIN_INTERVAL_LOWEST
+    step = 0.05  # rounded up to 50 ms, never below what a policy accepts
     return max(MIN_INTERVAL_LOWEST, math.ceil(_FLOOR_MARGIN / per_second / step) * step)
 
 

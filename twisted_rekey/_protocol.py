@@ -49,7 +49,9 @@ from ._connection import (
     renegotiate_pending,
 )
 from ._interfaces import IRekeyable
+from ._policy import KeyUpdateCounter
 from .exceptions import (
+    AlreadyInProgress,
     ConnectionStateError,
     FunctionUnavailable,
     KeyUpdateFlood,
@@ -57,6 +59,7 @@ from .exceptions import (
     RekeyError,
     RekeyTimeout,
     RenegotiationRateLimited,
+    RotationRateLimited,
 )
 
 if TYPE_CHECKING:
@@ -175,6 +178,51 @@ _CB_HANDSHAKE_DONE = int(lib.SSL_CB_HANDSHAKE_DONE)
 _CB_ALERT = int(lib.SSL_CB_ALERT)
 # SSL_CB_READ (4): in SSL_CB_READ_ALERT but not in SSL_CB_WRITE_ALERT.
 _CB_READ = int(lib.SSL_CB_READ_ALERT) & ~_CB_ALERT
+_BIO_read = lib.BIO_read
+_SENT_SHUTDOWN = SSL.SENT_SHUTDOWN
+_RECEIVED_SHUTDOWN = SSL.RECEIVED_SHUTDOWN
+
+_SCRATCH = 16384
+_scratchBuffer: list[Any] = []
+
+
+def _scratch() -> Any:
+    """Where trip() discards the bytes of a peer it stopped reading."""
+    if not _scratchBuffer:
+        _scratchBuffer.append(ffi.new("char[]", _SCRATCH))
+    return _scratchBuffer[0]
+
+
+#: The most calls that wait together for one answer of the peer (its
+#: KeyUpdate, or the end of a renegotiation); one more fails with
+#: AlreadyInProgress.
+MAX_WAITERS = 8
+
+#: At most one event of each kind about the peer's KeyUpdates per this many
+#: seconds and connection; the events between are counted in the next one.
+LOG_INTERVAL = 1.0
+
+
+class _Throttle:
+    """
+    Lets one log event through per :data:`LOG_INTERVAL`, counting the ones
+    held back, so that no peer can make the log grow faster than that.
+    """
+
+    __slots__ = ("held", "last")
+
+    def __init__(self) -> None:
+        #: Counted and not reported yet.
+        self.held = 0
+        self.last = -LOG_INTERVAL
+
+    def due(self, now: float, n: int = 1) -> bool:
+        """Count *n* events; whether to report :attr:`held` now."""
+        self.held += n
+        if now - self.last < LOG_INTERVAL:
+            return False
+        self.last = now
+        return True
 
 
 @dataclass(frozen=True)
@@ -297,14 +345,35 @@ class _Watcher:
         # From the callback we chain to: logged, never fatal (without us,
         # cffi would have printed and ignored them).
         self.previousErrors: list[BaseException] = []
-        self.inARow = 0
-        # bytesReceived when the last KeyUpdate was read: the data path
-        # keeps one counter only, the KeyUpdate path compares.
+        # The flood guard: the peer's unasked KeyUpdates, checked as each
+        # one is read (the same counter bounds what we send).
+        self.inbound = KeyUpdateCounter(
+            owner.keyUpdateRateLimit, owner.keyUpdateFloodLimit
+        )
+        # Every KeyUpdate of ours on the wire, answers included.
+        self.outbound = KeyUpdateCounter.for_sending()
+        # bytesReceived (bytesSent) when the last KeyUpdate was read
+        # (sent): the data path keeps one counter only, the KeyUpdate path
+        # compares.
         self.bytesAtLastUpdate = 0
+        self.bytesAtLastSent = 0
+        # The answer to our own update_requested is still to come: asked
+        # for, so never counted by the guard.
+        self.answerDue = False
         self.floodReason: str | None = None
-        self.updateTimes: deque[float] = deque()
+        # Set once a guard tripped: nothing more from this peer is read.
+        self.tripped = False
         self.clientRenegTimes: deque[float] = deque()
         self.abuseReason: str | None = None
+        self.receivedLog = _Throttle()
+        self.answeredLog = _Throttle()
+        self.requestsUnlogged = 0
+        self.lastRequested = False
+        # The application's KeyUpdates waiting for the sending rate.
+        self.heldUpdates: list[tuple[Any, Deferred[None]]] = []
+        # loseConnection() met a handshake in progress: close once it ends.
+        self.closeAfterHandshake = False
+        self.closeTimer: Any = None
 
         if self.initialDone:
             self.lastRotation = clock.seconds()
@@ -332,10 +401,12 @@ class _Watcher:
         self.tlsConnectionLost = tls.connectionLost
         self.tlsWrite = tls._write
         self.tlsBufferedWrite = tls._bufferedWrite
+        self.tlsShutdownTLS = tls._shutdownTLS
         tls.dataReceived = self.dataReceived  # type: ignore[method-assign]
         tls.connectionLost = self.connectionLost  # type: ignore[method-assign]
         tls._write = self.write  # type: ignore[method-assign]
         tls._bufferedWrite = self.bufferedWrite  # type: ignore[method-assign]
+        tls._shutdownTLS = self.shutdownTLS  # type: ignore[method-assign]
         owner._rekeyCountReceived(self)
 
     # -- inside OpenSSL: record only, never raise, never call SSL_* that
@@ -382,26 +453,29 @@ class _Watcher:
                         # request with our next write.
                         requested = False
                     self.peerUpdates.append(requested)
-                    if self.bytesReceived != self.bytesAtLastUpdate:
-                        self.bytesAtLastUpdate = self.bytesReceived
-                        self.inARow = 0
-                    self.inARow += 1
-                    limit = self.owner.keyUpdateFloodLimit
-                    if limit is not None and self.inARow > limit:
-                        self.floodReason = (
-                            f"{self.inARow} KeyUpdates in a row without "
-                            f"application data (limit {limit})"
-                        )
-                    self.checkRate()
                     self.dirty = True
+                    if self.answerDue:
+                        # The answer to our request: asked for, not counted.
+                        self.answerDue = False
+                    else:
+                        self.checkRate()
                 elif b" write " in state:
                     self.sent += 1
                     self.bytesSentMark = self.bytesSent
-                    self.lastRotation = self.clock.seconds()
+                    now = self.clock.seconds()
+                    self.lastRotation = now
+                    if self.bytesSent != self.bytesAtLastSent:
+                        self.bytesAtLastSent = self.bytesSent
+                        self.outbound.data()
+                    self.outbound.add(now)
         if where & _CB_HANDSHAKE_START and self.initialDone:
             self.renegInProgress = True
             if not self.renegOurs:
                 self.renegStarts += 1
+                if self.isClient is False:
+                    # Checked per message too: a client renegotiating in a
+                    # loop is cut before OpenSSL reads its next attempt.
+                    self.noteClientRenegotiation()
             self.dirty = True
         if where & _CB_HANDSHAKE_DONE:
             if self.initialDone:
@@ -426,19 +500,35 @@ class _Watcher:
             self.dirty = True
 
     def checkRate(self) -> None:
-        rate = self.owner.keyUpdateRateLimit
-        if rate is None:
+        """
+        Count one unasked KeyUpdate from the peer; past a bound, stop
+        reading from it at once.
+        """
+        if self.bytesReceived != self.bytesAtLastUpdate:
+            self.bytesAtLastUpdate = self.bytesReceived
+            self.inbound.data()
+        reason = self.inbound.add(self.clock.seconds())
+        if reason is not None and self.floodReason is None:
+            self.floodReason = reason
+            self.trip()
+
+    def trip(self) -> None:
+        """
+        A guard tripped, inside OpenSSL: discard what is left of this read
+        in the memory BIO, so that OpenSSL finds nothing more to process
+        (no further KeyUpdate derived, answered or data delivered) and
+        returns; the connection is dropped once it has.  BIO_read on the
+        memory BIO is no SSL_* call: it cannot re-enter the state machine.
+        """
+        self.tripped = True
+        self.dirty = True
+        bio = getattr(self.conn, "_into_ssl", None)
+        if bio is None:  # pragma: no cover - Twisted always uses memory BIOs
             return
-        count, window = rate
-        now = self.clock.seconds()
-        times = self.updateTimes
-        times.append(now)
-        while times and times[0] <= now - window:
-            times.popleft()
-        if len(times) > count:
-            self.floodReason = (
-                f"{len(times)} KeyUpdates within {window} s (limit {count})"
-            )
+        scratch = _scratch()
+        # Bounded: the BIO holds at most what the transport read at once.
+        while _BIO_read(bio, scratch, _SCRATCH) > 0:
+            pass
 
     def noteClientRenegotiation(self) -> None:
         count, window = self.owner.clientRenegotiationLimit
@@ -447,21 +537,29 @@ class _Watcher:
         times.append(now)
         while times and times[0] <= now - window:
             times.popleft()
-        if len(times) > count:
+        if len(times) > count and self.abuseReason is None:
             self.abuseReason = (
                 f"{len(times)} client-initiated renegotiations within "
                 f"{window} s (limit {count})"
             )
+            self.trip()
 
     # -- wrappers around the TLS protocol and the application protocol
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tripped:
+            return  # a guard tripped: nothing more from this peer
+        before = self.bytesReceived
         self.tlsDataReceived(data)
         if self.renegDeadline is not None and not renegotiate_pending(self.conn):
             self.renegDeadline.cancel()
             self.renegDeadline = None
         if self.dirty:
             self.process()
+        # Once per read, not per record: the policy's count of the bytes
+        # the peer's key carried.
+        if self.rotation is not None and self.bytesReceived != before:
+            self.rotation.dataReceived(self.bytesReceived - before)
 
     def wrapAppData(self, appDataReceived: Callable[[bytes], None]) -> Any:
         # Called once per TLS record of data, so as little as can be: a
@@ -481,9 +579,26 @@ class _Watcher:
         # not take yet, which is counted when it comes through here again.
         before = self.bytesSent
         self.bytesSent = before + len(data)
-        self.tlsWrite(data)
+        try:
+            self.tlsWrite(data)
+        except IndexError:
+            self.peerClosedDuringWrite()
         if self.rotation is not None:
             self.rotation.dataSent(self.bytesSent - before)
+
+    def peerClosedDuringWrite(self) -> None:
+        """
+        In the middle of a renegotiation SSL_write reads too, and may read
+        the peer's close_notify: Twisted's _write then hands the
+        ZeroReturnError to _representsEOF, which indexes its empty args.
+        The peer closed cleanly: finish as Twisted does when a read meets
+        the close_notify, instead of letting IndexError escape.
+        """
+        tls = self.tls
+        conn = tls._tlsConnection
+        if conn is None or not conn.get_shutdown() & _RECEIVED_SHUTDOWN:
+            raise
+        tls._tlsShutdownFinished(None)
 
     def bufferedWrite(self, data: bytes) -> None:
         # Only TLSMemoryBIOProtocol._write re-buffers, with bytes that went
@@ -548,6 +663,42 @@ class _Watcher:
             RekeyTimeout(f"the renegotiation did not complete within {timeout} s")
         )
 
+    def shutdownTLS(self) -> None:
+        self.tlsShutdownTLS()
+        tls = self.tls
+        conn = tls._tlsConnection
+        if (
+            self.lost
+            or getattr(tls, "_aborted", False)
+            or conn is None
+            or not self.initialDone
+            or conn.get_shutdown() & _SENT_SHUTDOWN
+        ):
+            return
+        # OpenSSL refuses to shut down in the middle of a handshake (a
+        # renegotiation, ours or the peer's): no close_notify went out, and
+        # Twisted would never try again, leaving the connection open.  Try
+        # again when the handshake ends; abort if the close takes longer
+        # than closeTimeout in all.
+        self.closeAfterHandshake = True
+        if self.closeTimer is None:
+            self.closeTimer = self.clock.callLater(
+                self.owner.closeTimeout, self.closeTimedOut
+            )
+
+    def closeTimedOut(self) -> None:
+        self.closeTimer = None
+        if self.lost:
+            return
+        timeout = self.owner.closeTimeout
+        self.log.warn(
+            "aborting a connection that did not close within {timeout} s of "
+            "loseConnection() (a handshake was running)",
+            rekey_event="close_timeout",
+            timeout=timeout,
+        )
+        self.tls.abortConnection()
+
     def connectionLost(self, reason: Failure) -> None:
         try:
             self.tlsConnectionLost(reason)
@@ -558,6 +709,9 @@ class _Watcher:
         if self.lost:
             return
         self.lost = True
+        timer, self.closeTimer = self.closeTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self.rotation is not None:
             self.rotation.stop()
         if self.renegDeadline is not None:
@@ -566,6 +720,12 @@ class _Watcher:
         self.cancelQuietWait()
         if self.dirty:
             self.processEvents(answer=False)
+        # What the throttled events held back, once, so that the log adds
+        # up to the connection's figures.
+        if self.receivedLog.held:
+            self.logReceived(self.received)
+        if self.answeredLog.held:
+            self.logAnswered()
         if self.refused:
             message = "the peer refused to renegotiate (no_renegotiation alert)"
         else:
@@ -574,6 +734,13 @@ class _Watcher:
             error = PeerRefused(message)
             error.__cause__ = reason.value
             waiter.fail(error)
+        held, self.heldUpdates = self.heldUpdates, []
+        for call, deferred in held:
+            if call.active():
+                call.cancel()
+            error = PeerRefused("the connection was lost before the KeyUpdate was sent")
+            error.__cause__ = reason.value
+            deferred.errback(error)
         self.peerWaiters = []
         self.renegWaiters = []
         try:
@@ -609,15 +776,33 @@ class _Watcher:
         if self.initialDone and not self.handshakeNoted:
             self.noteHandshake()
 
+        if self.tripped and not self.lost:
+            # Before anything the read recorded: a peer past a bound gets
+            # no answer, no hook call and no more of our CPU.
+            self.received += len(self.peerUpdates)
+            self.peerUpdates = []
+            self.renegStarts = self.renegDone = 0
+            flood, self.floodReason = self.floodReason, None
+            abuse, self.abuseReason = self.abuseReason, None
+            if flood is not None:
+                self.log.warn(
+                    "dropping a peer that floods KeyUpdates: {reason}",
+                    rekey_event="key_update_flood",
+                    reason=flood,
+                )
+                self.drop(KeyUpdateFlood(flood))
+            else:
+                self.dropRenegotiator(abuse or "a guard tripped")
+            return
+
         updates, self.peerUpdates = self.peerUpdates, []
-        # Logged in wire order: what the peer sent, then our answer.
-        for number, requested in enumerate(updates, self.received + 1):
-            self.log.info(
-                "peer sent a KeyUpdate (update_requested={requested})",
-                rekey_event="key_update_received",
-                requested=requested,
-                count=number,
-            )
+        if updates:
+            # Logged in wire order, what the peer sent before our answer;
+            # throttled, with the counts of what was not logged one by one.
+            self.requestsUnlogged += sum(updates)
+            self.lastRequested = updates[-1]
+            if self.receivedLog.due(self.clock.seconds(), len(updates)):
+                self.logReceived(self.received + len(updates))
         if updates and answer and any(updates) and not self.closing():
             self.answer()
         fire: list[_Waiter] = []
@@ -639,16 +824,6 @@ class _Watcher:
         for waiter in fire:
             waiter.succeed()
 
-        if self.floodReason is not None and not self.lost:
-            reason, self.floodReason = self.floodReason, None
-            self.log.warn(
-                "dropping a peer that floods KeyUpdates: {reason}",
-                rekey_event="key_update_flood",
-                reason=reason,
-            )
-            self.drop(KeyUpdateFlood(reason))
-            return
-
         starts, self.renegStarts = self.renegStarts, 0
         for _ in range(starts):
             if self.isClient is False:
@@ -658,7 +833,6 @@ class _Watcher:
                         "a client-initiated renegotiation, which this server "
                         "does not allow (allowClientRenegotiation is off)"
                     )
-                self.noteClientRenegotiation()
             self.log.info(
                 "peer started a renegotiation",
                 rekey_event="renegotiation_started_by_peer",
@@ -666,12 +840,7 @@ class _Watcher:
 
         if self.abuseReason is not None and not self.lost:
             reason, self.abuseReason = self.abuseReason, None
-            self.log.warn(
-                "dropping a client that renegotiates too often: {reason}",
-                rekey_event="client_renegotiation_rate_limited",
-                reason=reason,
-            )
-            self.drop(RenegotiationRateLimited(reason))
+            self.dropRenegotiator(reason)
             return
 
         if self.refusedByUs:
@@ -709,6 +878,41 @@ class _Watcher:
             self.callHook(self.owner.renegotiationCompleted)
             for waiter in list(waiters):
                 waiter.succeed()
+
+        if self.closeAfterHandshake and not self.lost:
+            # loseConnection() met a handshake: if it is over, close now
+            # (shutdownTLS() waits again if not).
+            self.closeAfterHandshake = False
+            self.tls._shutdownTLS()
+
+    def dropRenegotiator(self, reason: str) -> None:
+        self.log.warn(
+            "dropping a client that renegotiates too often: {reason}",
+            rekey_event="client_renegotiation_rate_limited",
+            reason=reason,
+        )
+        self.drop(RenegotiationRateLimited(reason))
+
+    def logReceived(self, count: int) -> None:
+        # Throttled: one event for what arrived since the last one.
+        held, self.receivedLog.held = self.receivedLog.held, 0
+        requests, self.requestsUnlogged = self.requestsUnlogged, 0
+        self.log.info(
+            "peer sent {updates} KeyUpdate(s), {requests} with update_requested",
+            rekey_event="key_update_received",
+            requested=self.lastRequested,
+            updates=held,
+            requests=requests,
+            count=count,
+        )
+
+    def logAnswered(self) -> None:
+        held, self.answeredLog.held = self.answeredLog.held, 0
+        self.log.info(
+            "answered {answers} KeyUpdate request(s) of the peer",
+            rekey_event="key_update_answered",
+            answers=held,
+        )
 
     def callHook(self, hook: Callable[..., object], *args: object) -> None:
         try:
@@ -749,10 +953,8 @@ class _Watcher:
             )
             return
         self.flush()
-        self.log.info(
-            "answered the peer's KeyUpdate request",
-            rekey_event="key_update_answered",
-        )
+        if self.answeredLog.due(self.clock.seconds()):
+            self.logAnswered()
 
     # -- our own rotations
 
@@ -785,13 +987,80 @@ class _Watcher:
     def keyUpdate(
         self, requestPeer: bool, timeout: float | None, reason: str
     ) -> Deferred[None]:
+        if requestPeer and len(self.peerWaiters) >= MAX_WAITERS:
+            # Calls in a loop must not grow memory: a few callers share
+            # the outstanding answer, the rest are told to wait for it.
+            return fail(
+                AlreadyInProgress(
+                    f"{MAX_WAITERS} calls already wait for the peer's answer "
+                    "to our KeyUpdate request: wait for one of their Deferreds"
+                )
+            )
         try:
+            if self.closing():
+                raise ConnectionStateError(
+                    "keyUpdate() after loseConnection() or connection loss"
+                )
+            delay = self.sendDelay()
+            if delay > 0:
+                return self.holdKeyUpdate(delay, requestPeer, timeout, reason)
             self.sendKeyUpdate(requestPeer, reason)
         except Exception:
             return fail()
         if not requestPeer:
             return succeed(None)
         return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
+
+    def sendDelay(self) -> float:
+        """
+        Seconds until one more KeyUpdate of ours stays within what peers
+        accept (KEY_UPDATE_RATE_SENT, KEY_UPDATES_IN_A_ROW_SENT, counted on
+        every KeyUpdate we send, answers included): 0 for now.
+
+        :raises RotationRateLimited: when only application data sent by us
+            can allow one.
+        """
+        now = self.clock.seconds()
+        if self.bytesSent != self.bytesAtLastSent:
+            self.bytesAtLastSent = self.bytesSent
+            self.outbound.data()
+        allowed = self.outbound.next_allowed(now)
+        if allowed is None:
+            raise RotationRateLimited(
+                "another KeyUpdate now would exceed what peers accept (too "
+                "many in a row without application data sent)"
+            )
+        return float(allowed - now)
+
+    def holdKeyUpdate(
+        self, delay: float, requestPeer: bool, timeout: float | None, reason: str
+    ) -> Deferred[None]:
+        """
+        The application's KeyUpdate, held until the sending rate allows it;
+        at most MAX_WAITERS held at a time.
+        """
+        if len(self.heldUpdates) >= MAX_WAITERS:
+            raise RotationRateLimited(
+                f"another KeyUpdate now would exceed what peers accept (too "
+                f"many within a second), and {MAX_WAITERS} already wait for "
+                f"the rate to allow them; possible again in {delay:.3f} s"
+            )
+
+        def cancel(_: object) -> None:
+            if entry in self.heldUpdates:
+                self.heldUpdates.remove(entry)
+            if call.active():
+                call.cancel()
+
+        def release() -> None:
+            self.heldUpdates.remove(entry)
+            self.keyUpdate(requestPeer, timeout, reason).chainDeferred(held)
+
+        held: Deferred[None] = Deferred(cancel)
+        call = self.clock.callLater(delay, release)
+        entry = (call, held)
+        self.heldUpdates.append(entry)
+        return held
 
     def sendKeyUpdate(self, requestPeer: bool, reason: str) -> None:
         """
@@ -807,10 +1076,19 @@ class _Watcher:
         # asking, and waits for the same answer.
         send = requestPeer and not self.requestOutstanding
         self.flushApplication()
+        # Whatever asks (a policy, the application), no KeyUpdate of ours
+        # goes past the bounds peers enforce.
+        delay = self.sendDelay()
+        if delay > 0:
+            raise RotationRateLimited(
+                "another KeyUpdate now would exceed what peers accept (too "
+                f"many within a second); possible again in {delay:.3f} s"
+            )
         key_update(self.conn, send)
         self.flush()
         if send:
             self.requestOutstanding = True
+            self.answerDue = True
             self.requested += 1
         if self.rotation is not None:
             # A new key the policy may not have asked for (the application's
@@ -944,6 +1222,14 @@ class _Watcher:
                 abbreviated=abbreviated,
                 reason=reason,
             )
+        elif len(self.renegWaiters) >= MAX_WAITERS:
+            # Calls in a loop must not grow memory.
+            return fail(
+                AlreadyInProgress(
+                    f"{MAX_WAITERS} calls already wait for the running "
+                    "renegotiation: wait for one of their Deferreds"
+                )
+            )
         # A renegotiation already running (ours or the peer's) gives new
         # keys both ways when it completes: wait for that one.
         return _Waiter(self, self.renegWaiters, timeout, "the renegotiation").deferred
@@ -1040,11 +1326,24 @@ class RekeyProtocolMixin:
     * A second :meth:`keyUpdate` with *requestPeer* while an earlier request
       is unanswered sends a KeyUpdate that does not ask again (at most one
       update_requested is ever outstanding) and fires with the same answer.
+      At most 8 calls wait for one answer together: one more fails at once
+      with :class:`~twisted_rekey.AlreadyInProgress` and sends nothing, so
+      that no call pattern grows memory without bound.
       Without *requestPeer*, each call sends its own KeyUpdate.
+    * A KeyUpdate that would take this side past
+      :data:`~twisted_rekey.KEY_UPDATE_RATE_SENT` (what GnuTLS accepts)
+      waits until the rate allows it, and its Deferred fires then (at most
+      8 wait; one more fails with
+      :class:`~twisted_rekey.RotationRateLimited`).  One past
+      :data:`~twisted_rekey.KEY_UPDATES_IN_A_ROW_SENT` (rustls, BoringSSL)
+      can only be allowed by data we send: :meth:`keyUpdate` fails at once
+      with :class:`~twisted_rekey.RotationRateLimited` and sends nothing.
     * :meth:`keyUpdate` on a TLS 1.2 connection (renegotiating or not) fails
       with :class:`~twisted_rekey.WrongProtocolVersion`;
       :meth:`renegotiate` while a renegotiation (either side's) is running
-      starts no new one and fires when the running one completes.
+      starts no new one and fires when the running one completes (again at
+      most 8 calls wait together; one more fails with
+      :class:`~twisted_rekey.AlreadyInProgress`).
     * After ``loseConnection()``, calls fail with
       :class:`~twisted_rekey.ConnectionStateError`; Deferreds still waiting
       when the connection is lost fail with
@@ -1068,7 +1367,14 @@ class RekeyProtocolMixin:
         bound).  32, as rustls and BoringSSL.
     :ivar keyUpdateRateLimit: ``(count, seconds)``: disconnect a peer that
         sends more than *count* KeyUpdates within *seconds* (``None``: no
-        bound).
+        bound).  Both bounds count only KeyUpdates the peer sent unasked
+        (the answer to our own request is not counted) and are checked as
+        each KeyUpdate is read: past one, the rest of that read is
+        discarded unprocessed and the connection dropped.
+    :ivar closeTimeout: seconds within which ``loseConnection()`` called
+        while a handshake (a renegotiation, either side's) runs must have
+        closed the connection: the close_notify goes out when the handshake
+        ends, and the connection is aborted when this passes first.
     :ivar rotationPolicy: a :class:`~twisted_rekey.RotationPolicy`: from
         the handshake on, the connection rotates its keys by itself when
         the policy says, on timers of the reactor's shared
@@ -1101,6 +1407,7 @@ class RekeyProtocolMixin:
     clientRenegotiationLimit: tuple[int, float] = (3, 600.0)
     keyUpdateFloodLimit: int | None = 32
     keyUpdateRateLimit: tuple[int, float] | None = (64, 1.0)
+    closeTimeout: float = 10.0
     rotationPolicy: RotationPolicy | None = None
     rotationGranularity: float | None = None
     renegotiateAsClient: bool = False

@@ -243,20 +243,33 @@ class RotationDriver:
         if self._stopped or not nbytes:
             return
         try:
-            now = self._clock.seconds()
-            action = self.schedule.data_sent(now, nbytes)
-            if action is not None:
-                # Not from inside the write: a rotation flushes the writes
-                # Twisted still buffers, and the one running now is
-                # Twisted's own flush, which would then send its data twice.
-                self._inFlight = action
-                self._disarm()
-                self._pending = self._clock.callLater(0, self._performPending, action)
-            elif self._armed is None:
-                # Idle until now (skip_idle): a timed rotation may be due again.
-                self._arm()
+            self._counted(self.schedule.data_sent(self._clock.seconds(), nbytes))
         except Exception:
             self._crashed()
+
+    def dataReceived(self, nbytes: int) -> None:
+        """
+        Application bytes arrived under the peer's key: the sum of one read
+        from the transport (not one call per record).
+        """
+        if self._stopped or not nbytes:
+            return
+        try:
+            self._counted(self.schedule.data_received(self._clock.seconds(), nbytes))
+        except Exception:
+            self._crashed()
+
+    def _counted(self, action: RotationAction | None) -> None:
+        if action is not None:
+            # Not from inside the write or read: a rotation flushes the
+            # writes Twisted still buffers, and the one running now may be
+            # Twisted's own flush, which would then send its data twice.
+            self._inFlight = action
+            self._disarm()
+            self._pending = self._clock.callLater(0, self._performPending, action)
+        elif self._armed is None:
+            # Idle until now (skip_idle): a timed rotation may be due again.
+            self._arm()
 
     def peerRotated(self, requested: bool) -> None:
         """A KeyUpdate from the peer was read."""

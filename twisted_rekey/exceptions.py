@@ -27,6 +27,7 @@ __all__ = [
     "RekeyError",
     "RekeyTimeout",
     "RenegotiationRateLimited",
+    "RotationRateLimited",
     "WrongProtocolVersion",
 ]
 
@@ -140,6 +141,18 @@ class RenegotiationRateLimited(RekeyError):
     """
     The peer started more renegotiations than the configured rate allows;
     the connection is dropped.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class RotationRateLimited(RekeyError):
+    """
+    This side did not send the KeyUpdate asked for: one more now would take
+    it past what peers accept (more than 8 within a second ends a GnuTLS
+    connection, 32 in a row without application data a rustls or BoringSSL
+    one).  The connection is unchanged; try again later, or after sending
+    data.
 
     .. versionadded:: 0.1.0
     """
