@@ -36,13 +36,16 @@ from peers import (
     PeerProcess,
 )
 from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_rekey import (
     KeyUpdateFlood,
     PeerRefused,
+    RekeyConnection,
     RekeyProtocolMixin,
     RenegotiationRateLimited,
     protocol_version,
@@ -216,7 +219,7 @@ async def _ourClient(
 
 @asynccontextmanager
 async def _ourServer(
-    make: Any, certs: CertFiles, cls: type[Watched] = Watched
+    make: Any, certs: CertFiles, cls: type[Watched] = Watched, options: Any = None
 ) -> AsyncIterator[tuple[Any, Watched]]:
     """
     Our server on a free loopback port, and the client peer ``make(port)``
@@ -225,7 +228,9 @@ async def _ourServer(
     """
     reactor = _reactor()
     factory = _Factory(cls)
-    port = reactor.listenSSL(0, factory, _server_options(certs), interface="127.0.0.1")
+    if options is None:
+        options = _server_options(certs)
+    port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
     peer = make(port.getHost().port)
     try:
         await _within(deferToThread(peer.start))
@@ -469,6 +474,48 @@ async def test_our_server_key_update_reaches_s_client(cert_files: CertFiles) -> 
         await _within(done)
         await _dataBothWays(client, us, "after")
         assert us.updates == [False]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _RekeyConnections:
+    """Our server's connections are :class:`RekeyConnection` objects."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        self.made: list[RekeyConnection] = []
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> RekeyConnection:
+        conn = RekeyConnection(self.options.getContext(), None)
+        self.made.append(conn)
+        return conn
+
+
+@pytest_twisted.ensureDeferred
+async def test_rekey_connection_under_the_mixin_both_count(
+    cert_files: CertFiles,
+) -> None:
+    """
+    A :class:`RekeyConnection` run by Twisted under the mixin: both watch
+    through the one info callback, so the connection's counters and the
+    mixin's agree on what s_client sent and what we sent.
+    """
+    creator = _RekeyConnections(_server_options(cert_files))
+    async with _ourServer(_sClient(cert_files), cert_files, options=creator) as (
+        client,
+        us,
+    ):
+        [conn] = creator.made
+        assert us.transport.getHandle() is conn  # type: ignore[union-attr]
+        await _tell(client.key_update, False)
+        assert await _within(us.updated) is False
+        await _within(us.keyUpdate())
+        assert await _flag(client, OPENSSL_KEY_UPDATE_RECEIVED) is False
+        await _dataBothWays(client, us, "after")
+        assert us.updates == [False]
+        assert conn.key_updates_received == 1
+        assert conn.key_update_requests_received == 0
+        assert us.rekeyStats.keyUpdatesSent == conn.key_updates_sent == 1
+        assert conn.rotation_error is None
 
 
 @pytest_twisted.ensureDeferred

@@ -39,7 +39,6 @@ from ._connection import (
     OP_ALLOW_CLIENT_RENEGOTIATION,
     KeyUpdateType,
     _is_server,
-    _need,
     get_key_update_type,
     handshake_complete,
     key_update,
@@ -48,6 +47,7 @@ from ._connection import (
     renegotiate_abbreviated,
     renegotiate_pending,
 )
+from ._infocallback import infoCallbackFor
 from ._interfaces import IRekeyable
 from ._policy import KeyUpdateCounter
 from .exceptions import (
@@ -378,17 +378,12 @@ class _Watcher:
         if self.initialDone:
             self.lastRotation = clock.seconds()
 
-        # OpenSSL calls the SSL's own info callback *instead of* the
-        # Context's: chain to whichever one would be in effect (looked up at
-        # each call, since an SNI callback may switch the Context), so that
-        # host name checks living there (Twisted < 24) keep running.
-        self.callback = ffi.callback(
-            "void (*)(const SSL *, int, int)", self.infoCallback
+        # The one info callback of this Connection chains to the one that
+        # would be in effect without us, and to a RekeyConnection's own
+        # watching, which keeps counting.
+        infoCallbackFor(conn).add(
+            self, self.observe, self.observeFailed, self.chainedFailed
         )
-        # The SSL* outlives nothing that does not hold the Connection: keep
-        # the callback referenced there, as pyOpenSSL does with its own.
-        conn._rekeyInfoCallback = self.callback  # type: ignore[attr-defined]
-        _need("SSL_set_info_callback")(conn._ssl, self.callback)
 
         if owner.allowClientRenegotiation:
             # Only servers look at this option.
@@ -412,23 +407,13 @@ class _Watcher:
     # -- inside OpenSSL: record only, never raise, never call SSL_* that
     # -- could re-enter the state machine.
 
-    def infoCallback(self, ssl: Any, where: int, ret: int) -> None:
-        conn = self.conn
-        # pyOpenSSL >= 25.2 keeps a per-connection callback here.
-        previous = conn.__dict__.get("_info_callback")
-        if previous is None:
-            previous = getattr(conn._context, "_info_callback", None)
-        if previous is not None:
-            try:
-                previous(ssl, where, ret)
-            except BaseException as e:
-                self.previousErrors.append(e)
-                self.dirty = True
-        try:
-            self.observe(ssl, where, ret)
-        except BaseException as e:
-            self.callbackErrors.append(e)
-            self.dirty = True
+    def chainedFailed(self, error: BaseException) -> None:
+        self.previousErrors.append(error)
+        self.dirty = True
+
+    def observeFailed(self, error: BaseException) -> None:
+        self.callbackErrors.append(error)
+        self.dirty = True
 
     def observe(self, ssl: Any, where: int, ret: int) -> None:
         # Three calls per KeyUpdate sent, more per handshake: names bound
@@ -1610,7 +1595,7 @@ class RekeyProtocolMixin:
         if tls is None:
             return None
         conn = tls._tlsConnection
-        if conn is None or getattr(conn, "_rekeyInfoCallback", None) is not None:
+        if conn is None or infoCallbackFor(conn).observedBy(_Watcher):
             return None
         # The clock given to the mixin, else the one Twisted's TLS factory
         # was given (the buffering transport runs on it), else the reactor.
