@@ -40,8 +40,9 @@ from zope.interface import (  # type: ignore[import-untyped]
 
 from ._connection import protocol_version, secure_renegotiation_support
 from ._policy import RotationAction, RotationPolicy, RotationSchedule
-from ._protocol import RekeyProtocolMixin, _findTLS
+from ._protocol import RekeyProtocolMixin
 from ._scheduler import RotationScheduler
+from ._twistedtls import countReceived, findTLS, webConnection
 from .exceptions import (
     ConnectionStateError,
     FunctionUnavailable,
@@ -523,15 +524,7 @@ class _ConnectionRekeyer(RekeyProtocolMixin):
         # Count on the TLS side, where the bytes leave OpenSSL, so that
         # nothing is set on the application's protocol (which may be a
         # proxy that swaps what it forwards to, as Site's HTTP/2 switch).
-        conn: Any = watcher.conn
-        recv = conn.recv
-
-        def counted(*args: Any) -> bytes:
-            data: bytes = recv(*args)
-            watcher.bytesReceived += len(data)
-            return data
-
-        conn.recv = counted
+        countReceived(watcher.conn, watcher)
 
 
 def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
@@ -568,7 +561,7 @@ def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
     # A transport, or a protocol whose transport leads to the TLS one.
     candidate = protocolOrTransport
     for _ in range(3):
-        tls = _findTLS(candidate)
+        tls = findTLS(candidate)
         if tls is not None:
             found = tls.__dict__.get("_rekeyOwner")
             if found is not None:
@@ -580,7 +573,7 @@ def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
         if following is None:
             # twisted.web's HTTP/2 streams (a request's channel) have no
             # transport of their own: their connection has it.
-            following = getattr(candidate, "_conn", None)
+            following = webConnection(candidate)
         if following is None:
             break
         candidate = following
@@ -778,7 +771,7 @@ def _refuse(protocol: object, why: str) -> None:
 
 def _attach(protocol: Any, transport: Any, factory: RotatingFactory) -> None:
     try:
-        tls = _findTLS(transport)
+        tls = findTLS(transport)
         if tls is None:
             startTLS = getattr(transport, "startTLS", None)
             if startTLS is not None:
@@ -809,7 +802,7 @@ def _watchStartTLS(
         except AttributeError:  # pragma: no cover - set just below
             pass
         result = startTLS(*args, **kwargs)
-        if _findTLS(transport) is not None:
+        if findTLS(transport) is not None:
             _attach(protocol, transport, factory)
         return result
 
