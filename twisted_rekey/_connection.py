@@ -25,7 +25,12 @@ from . import _binding
 from ._binding import ffi, lib
 from ._binding import need as _need
 from ._infocallback import infoCallbackFor
-from ._policy import RotationAction, RotationPolicy, RotationSchedule
+from ._policy import (
+    RotationAction,
+    RotationPolicy,
+    RotationSchedule,
+    client_renegotiation_refusal,
+)
 from .exceptions import (
     AlreadyInProgress,
     ConnectionStateError,
@@ -790,19 +795,15 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             secure_renegotiation=secure,
         )
         self._rekey_schedule = schedule
-        if (
-            schedule.method == "renegotiation"
-            and not self._rekey_renegotiate_as_client
-            and _is_server(self) is not True  # unknown counts as a client
-        ):
-            # A refused client renegotiation ends the connection in the
-            # client's OpenSSL: never risk it unless the application says so.
-            self.rotation_error = RekeyError(
-                f"rotation stays off: on {protocol_version(self)} a client "
-                "rotates by renegotiating, which many servers refuse by "
-                "closing the connection (pass renegotiate_as_client=True "
-                "where the server allows it)"
-            )
+        is_server = _is_server(self)
+        refusal = client_renegotiation_refusal(
+            schedule,
+            is_client=None if is_server is None else not is_server,
+            allowed=self._rekey_renegotiate_as_client,
+            option="renegotiate_as_client=True",
+        )
+        if refusal is not None:
+            self.rotation_error = RekeyError(f"rotation stays off: {refusal}")
         return schedule
 
     def _rekey_account(self, nbytes: int, received: bool = False) -> None:

@@ -20,7 +20,6 @@ module level.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from itertools import count
 from time import time
@@ -364,7 +363,11 @@ class _Watcher:
         self.floodReason: str | None = None
         # Set once a guard tripped: nothing more from this peer is read.
         self.tripped = False
-        self.clientRenegTimes: deque[float] = deque()
+        self.clientRenegotiations = KeyUpdateCounter(
+            owner.clientRenegotiationLimit,
+            None,
+            events="client-initiated renegotiations",
+        )
         self.abuseReason: str | None = None
         self.receivedLog = _Throttle()
         self.answeredLog = _Throttle()
@@ -519,17 +522,9 @@ class _Watcher:
             pass
 
     def noteClientRenegotiation(self) -> None:
-        count, window = self.owner.clientRenegotiationLimit
-        now = self.clock.seconds()
-        times = self.clientRenegTimes
-        times.append(now)
-        while times and times[0] <= now - window:
-            times.popleft()
-        if len(times) > count and self.abuseReason is None:
-            self.abuseReason = (
-                f"{len(times)} client-initiated renegotiations within "
-                f"{window} s (limit {count})"
-            )
+        reason = self.clientRenegotiations.add(self.clock.seconds())
+        if reason is not None and self.abuseReason is None:
+            self.abuseReason = reason
             self.trip()
 
     # -- wrappers around the TLS protocol and the application protocol

@@ -39,9 +39,14 @@ from zope.interface import (  # type: ignore[import-untyped]
 )
 
 from ._connection import protocol_version, secure_renegotiation_support
-from ._policy import RotationAction, RotationPolicy, RotationSchedule
+from ._policy import (
+    RotationAction,
+    RotationPolicy,
+    RotationSchedule,
+    client_renegotiation_refusal,
+)
 from ._protocol import RekeyProtocolMixin
-from ._scheduler import RotationScheduler
+from ._scheduler import RotationScheduler, schedulerFor
 from ._twistedtls import countReceived, findTLS, webConnection
 from .exceptions import (
     ConnectionStateError,
@@ -65,10 +70,6 @@ _GRANULARITIES = (1.0, 0.5, 0.25, 0.1, 0.05, 0.025)
 #: failed and tries again later.
 RENEGOTIATION_TIMEOUT = 30.0
 
-_schedulers: weakref.WeakKeyDictionary[
-    object, dict[float, weakref.ref[RotationScheduler]]
-] = weakref.WeakKeyDictionary()
-
 
 def granularityFor(policy: RotationPolicy) -> float:
     """
@@ -89,26 +90,6 @@ def granularityFor(policy: RotationPolicy) -> float:
         if width <= target:
             return width
     return _GRANULARITIES[-1]
-
-
-def schedulerFor(clock: IReactorTime, granularity: float) -> RotationScheduler:
-    """
-    The scheduler shared by every connection of *clock* that rotates at
-    *granularity*: :meth:`RotationScheduler.forReactor` when its
-    granularity matches, else one more per (clock, granularity).
-
-    .. versionadded:: 0.1.0
-    """
-    shared = RotationScheduler.forReactor(clock, granularity)
-    if shared.granularity == granularity:
-        return shared
-    byWidth = _schedulers.setdefault(clock, {})
-    ref = byWidth.get(granularity)
-    scheduler = ref() if ref is not None else None
-    if scheduler is None:
-        scheduler = RotationScheduler(clock, granularity)
-        byWidth[granularity] = weakref.ref(scheduler)
-    return scheduler
 
 
 class RotationDriver:
@@ -212,21 +193,15 @@ class RotationDriver:
             owner, clock, schedulerFor(clock, granularity), schedule, watcher.log
         )
         reason = schedule.disabled_reason
-        if (
-            reason is None
-            and schedule.method == "renegotiation"
-            # Unknown counts as client: refusing to rotate is the safe error.
-            and watcher.isClient is not False
-            and not owner.renegotiateAsClient
-        ):
-            # A refused client renegotiation ends the connection in the
-            # client's OpenSSL: never risk it unless the application says so.
-            reason = (
-                f"a {version} client's rotation would be a client-initiated "
-                "renegotiation, which many servers refuse by closing the "
-                "connection (set renegotiateAsClient where the server allows it)"
+        if reason is None:
+            reason = client_renegotiation_refusal(
+                schedule,
+                is_client=watcher.isClient,
+                allowed=owner.renegotiateAsClient,
+                option="renegotiateAsClient",
             )
-            driver._stopped = True
+            if reason is not None:
+                driver._stopped = True
         if reason is not None:
             driver._log.info(
                 "key rotation disabled for this connection: {reason}",
