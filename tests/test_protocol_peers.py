@@ -35,11 +35,11 @@ from peers import (
     OpenSSLServer,
     PeerProcess,
 )
-from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twistedharness import Events, client_options, server_options
 from zope.interface import implementer
 
 from twisted_rekey import (
@@ -128,39 +128,6 @@ class _Factory(protocol.ClientFactory):
         self.handshaken: defer.Deferred[Watched] = defer.Deferred()
 
 
-class Events:
-    """twisted_rekey's log events, by ``rekey_event``."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if "rekey_event" in event:
-            self.events.append(event)
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["rekey_event"] == name]
-
-
-@pytest.fixture
-def events() -> Any:
-    observer = Events()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-
-
-def _client_options(certs: CertFiles) -> Any:
-    return ssl.optionsForClientTLS(
-        "localhost", ssl.Certificate.loadPEM(certs.ca.cert_pem.bytes())
-    )
-
-
-def _server_options(certs: CertFiles) -> Any:
-    pem = certs.server.private_key_and_cert_chain_pem.bytes()
-    return ssl.PrivateCertificate.loadPEM(pem).options()
-
-
 async def _tell(command: Callable[..., None], *args: Any) -> None:
     """
     Give a peer a command or a line, in a thread: the call returns only once
@@ -202,11 +169,11 @@ async def _ourClient(
     factory = _Factory(cls)
     if how == "connectSSL":
         reactor.connectSSL(
-            "127.0.0.1", peer.port, factory, _client_options(certs), timeout=5
+            "127.0.0.1", peer.port, factory, client_options(certs), timeout=5
         )
     else:
         tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", peer.port, timeout=5)
-        await endpoints.wrapClientTLS(_client_options(certs), tcp).connect(factory)
+        await endpoints.wrapClientTLS(client_options(certs), tcp).connect(factory)
     try:
         proto = await _within(factory.handshaken)
         yield proto
@@ -229,7 +196,7 @@ async def _ourServer(
     reactor = _reactor()
     factory = _Factory(cls)
     if options is None:
-        options = _server_options(certs)
+        options = server_options(certs)
     port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
     peer = make(port.getHost().port)
     try:
@@ -499,7 +466,7 @@ async def test_rekey_connection_under_the_mixin_both_count(
     through the one info callback, so the connection's counters and the
     mixin's agree on what s_client sent and what we sent.
     """
-    creator = _RekeyConnections(_server_options(cert_files))
+    creator = _RekeyConnections(server_options(cert_files))
     async with _ourServer(_sClient(cert_files), cert_files, options=creator) as (
         client,
         us,

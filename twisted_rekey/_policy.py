@@ -514,7 +514,6 @@ class RotationSchedule:
             raise TypeError(f"protocol must be a str, not {type(protocol).__name__}")
         self._policy = policy
         self._protocol = protocol
-        self._cipher = cipher
         self._method: RotationMethod | None = None
         self._disabled_reason: str | None = None
         if protocol == _TLS13:
@@ -542,7 +541,6 @@ class RotationSchedule:
         self._max_records = policy.max_records
         self._max_bytes = policy.max_bytes
 
-        self._started = now
         self._last_rotation = now
         self._retry_after = now
         self._bytes = 0

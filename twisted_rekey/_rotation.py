@@ -79,8 +79,6 @@ def granularityFor(policy: RotationPolicy) -> float:
 
     :param policy: the policy.
     :returns: a bucket width in seconds.
-
-    .. versionadded:: 0.1.0
     """
     timed = [
         x for x in (policy.interval, policy.request_peer_interval) if x is not None
@@ -101,8 +99,6 @@ class RotationDriver:
     ``rotationPolicy`` is set) and tells it every application write, every
     rotation of the peer and the loss of the connection; applications only
     read its :attr:`schedule` (through the mixin's ``rotationSchedule``).
-
-    .. versionadded:: 0.1.0
     """
 
     __slots__ = (

@@ -78,8 +78,6 @@ def schedulerFor(clock: IReactorTime, granularity: float) -> RotationScheduler:
     The scheduler shared by every connection of *clock* that rotates at
     *granularity*: :meth:`RotationScheduler.forReactor` when its
     granularity matches, else one more per (clock, granularity).
-
-    .. versionadded:: 0.1.0
     """
     shared = RotationScheduler.forReactor(clock, granularity)
     if shared.granularity == granularity:
