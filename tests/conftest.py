@@ -170,6 +170,18 @@ class LoggedFailures:
 
 
 @pytest.fixture
+def events() -> Iterator[Any]:
+    """twisted_rekey's log events during this test (twistedharness.Events)."""
+    from twisted.logger import globalLogPublisher
+    from twistedharness import Events
+
+    observer = Events()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
 def logged_failures() -> Iterator[LoggedFailures]:
     """The failures Twisted logged during this test; flush the expected ones."""
     from twisted.logger import globalLogPublisher

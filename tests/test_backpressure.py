@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_protocol import _client_options, _server_options
 from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twistedharness import client_options, server_options
 from zope.interface import implementer
 
 from twisted_rekey import _tunnel
@@ -232,7 +232,7 @@ class Network:
         from twisted.internet import reactor
 
         if tls:
-            options = _server_options(self.cert_files, "1.3")
+            options = server_options(self.cert_files, "1.3")
             factory = TLSMemoryBIOFactory(options, False, factory)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.ports.append(port)
@@ -242,7 +242,7 @@ class Network:
         from twisted.internet import reactor
 
         if tls:
-            options = _client_options(self.cert_files)
+            options = client_options(self.cert_files)
             factory = TLSMemoryBIOFactory(options, True, factory)
         reactor.connectTCP("127.0.0.1", port, factory, timeout=WAIT)
 
@@ -254,7 +254,7 @@ class Network:
         )
         if tls:
             wrap: Any = endpoints.wrapClientTLS
-            endpoint = wrap(_client_options(self.cert_files), endpoint)
+            endpoint = wrap(client_options(self.cert_files), endpoint)
         return endpoint
 
     async def close(self) -> None:

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet import defer, protocol, ssl, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
+from twistedharness import client_options, server_options
 from zope.interface import implementer
 
 import twisted
@@ -48,24 +49,13 @@ class Rekeying(RekeyProtocolMixin, Plain):
     pass
 
 
-def _server_options(cert_files: Any) -> Any:
-    pem = cert_files.server.private_key_and_cert_chain_pem.bytes()
-    return ssl.PrivateCertificate.loadPEM(pem).options()
-
-
-def _client_options(cert_files: Any, host: str) -> Any:
-    return ssl.optionsForClientTLS(
-        host, ssl.Certificate.loadPEM(cert_files.ca.cert_pem.bytes())
-    )
-
-
 def _connect(cert_files: Any, host: str, cls: type[Plain]) -> tuple[Any, Any, Any]:
     clock = task.Clock()
     sf = TLSMemoryBIOFactory(
-        _server_options(cert_files), False, protocol.Factory.forProtocol(Plain), clock
+        server_options(cert_files), False, protocol.Factory.forProtocol(Plain), clock
     )
     cf = TLSMemoryBIOFactory(
-        _client_options(cert_files, host),
+        client_options(cert_files, host),
         True,
         protocol.Factory.forProtocol(cls),
         clock,
@@ -128,7 +118,7 @@ async def test_wrong_host_rejected_over_sockets(cert_files: Any) -> None:
     port = reactor.listenSSL(
         0,
         protocol.Factory.forProtocol(Plain),
-        _server_options(cert_files),
+        server_options(cert_files),
         interface="127.0.0.1",
     )
     try:
@@ -136,7 +126,7 @@ async def test_wrong_host_rejected_over_sockets(cert_files: Any) -> None:
             "127.0.0.1",
             port.getHost().port,
             protocol.ClientFactory.forProtocol(Client),
-            _client_options(cert_files, "wrong.example"),
+            client_options(cert_files, "wrong.example"),
             timeout=5,
         )
         client = await made.addTimeout(TIMEOUT, reactor)
@@ -172,7 +162,7 @@ def test_context_info_callback_still_runs(cert_files: Any) -> None:
             return ctx
 
     sf = TLSMemoryBIOFactory(
-        _server_options(cert_files), False, protocol.Factory.forProtocol(Plain), clock
+        server_options(cert_files), False, protocol.Factory.forProtocol(Plain), clock
     )
     cf = TLSMemoryBIOFactory(
         ContextFactory(),

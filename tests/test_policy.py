@@ -22,6 +22,7 @@ from twisted_rekey._policy import (
     RotationPolicy,
     RotationSchedule,
     aead_record_limit,
+    client_renegotiation_refusal,
 )
 
 AES_GCM = "TLS_AES_128_GCM_SHA256"
@@ -797,3 +798,44 @@ def test_counter_bounds() -> None:
     assert counter.next_allowed(10.0) == 10.0
     unbounded = KeyUpdateCounter(None, None)
     assert all(unbounded.add(0.0) is None for _ in range(1000))
+
+
+def test_client_renegotiation_refusal() -> None:
+    # One rule for both layers: a TLS 1.2 client (or a side not known to be
+    # the server) does not rotate unless the application allows it.
+    policy = RotationPolicy(interval=60)
+    tls12 = policy.start(
+        0.0, protocol="TLSv1.2", cipher=None, secure_renegotiation=True
+    )
+    tls13 = policy.start(0.0, protocol="TLSv1.3", cipher=None)
+    insecure = policy.start(
+        0.0, protocol="TLSv1.2", cipher=None, secure_renegotiation=False
+    )
+    for is_client in (True, None):
+        reason = client_renegotiation_refusal(
+            tls12, is_client=is_client, allowed=False, option="theOption"
+        )
+        assert reason is not None
+        assert "TLSv1.2" in reason and "theOption" in reason
+    assert (
+        client_renegotiation_refusal(tls12, is_client=False, allowed=False, option="o")
+        is None
+    )
+    assert (
+        client_renegotiation_refusal(tls12, is_client=True, allowed=True, option="o")
+        is None
+    )
+    for schedule in (tls13, insecure):
+        assert (
+            client_renegotiation_refusal(
+                schedule, is_client=True, allowed=False, option="o"
+            )
+            is None
+        )
+
+
+def test_key_update_counter_names_what_it_counts() -> None:
+    counter = KeyUpdateCounter((2, 60.0), None, events="renegotiations")
+    assert counter.add(0.0) is None
+    assert counter.add(1.0) is None
+    assert counter.add(2.0) == "3 renegotiations within 60.0 s (limit 2)"

@@ -12,12 +12,12 @@ from typing import Any, Callable
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet import defer, endpoints, protocol, ssl, task
+from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
+from twistedharness import Events, client_options, server_options
 from zope.interface.verify import verifyObject
 
 from twisted_rekey import (
@@ -89,50 +89,6 @@ class Peer(RekeyProtocolMixin, protocol.Protocol):
         self.lostDeferred.callback(None)
 
 
-class Events:
-    """twisted_rekey's log events, by ``rekey_event``."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if "rekey_event" in event:
-            self.events.append(event)
-
-    def names(self) -> list[str]:
-        return [e["rekey_event"] for e in self.events]
-
-
-@pytest.fixture
-def events() -> Any:
-    observer = Events()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-
-
-def _server_options(cert_files: Any, version: str) -> Any:
-    pem = cert_files.server.private_key_and_cert_chain_pem.bytes()
-    private = ssl.PrivateCertificate.loadPEM(pem)
-    options = ssl.CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
-    )
-    if version == "1.2":
-        # Not lowerMaximumSecurityTo=TLSv1_2: Twisted 23.10 excludes the
-        # maximum itself too (twisted/twisted#10232, fixed later), so that
-        # server offers no version at all.  Bound the Context directly;
-        # CertificateOptions builds it once and keeps it.
-        options.getContext().set_max_proto_version(SSL.TLS1_2_VERSION)
-    return options
-
-
-def _client_options(cert_files: Any, host: str = "localhost") -> Any:
-    return ssl.optionsForClientTLS(
-        host, ssl.Certificate.loadPEM(cert_files.ca.cert_pem.bytes())
-    )
-
-
 class Pair:
     def __init__(
         self,
@@ -143,13 +99,13 @@ class Pair:
     ) -> None:
         self.clock = task.Clock()
         sf = TLSMemoryBIOFactory(
-            _server_options(cert_files, version),
+            server_options(cert_files, version),
             False,
             protocol.Factory.forProtocol(serverClass),
             self.clock,
         )
         cf = TLSMemoryBIOFactory(
-            _client_options(cert_files),
+            client_options(cert_files),
             True,
             protocol.Factory.forProtocol(clientClass),
             self.clock,
@@ -799,8 +755,8 @@ async def _connect(kind: str, cert_files: Any, version: str) -> tuple[Peer, Peer
 
     server = Connected(_serverPeerClass(version))
     client = Connected(Peer)
-    sopts = _server_options(cert_files, version)
-    copts = _client_options(cert_files)
+    sopts = server_options(cert_files, version)
+    copts = client_options(cert_files)
     if kind == "listenSSL":
         port = reactor.listenSSL(0, server.factory(), sopts, interface="127.0.0.1")
         reactor.connectSSL(

@@ -13,17 +13,14 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from test_protocol import (
-    Events,
     Pair,
     Peer,
-    _client_options,
     _result,
-    _server_options,
 )
 from twisted.internet import protocol, task
-from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
+from twistedharness import Events, client_options, server_options
 
 from twisted_rekey import RotationPolicy, _binding
 from twisted_rekey.exceptions import FunctionUnavailable
@@ -62,14 +59,6 @@ def _binding_getter_is_gone(pair: Pair) -> None:
     get_key_update_type(pair.client.transport.getHandle())  # type: ignore[union-attr]
 
 
-@pytest.fixture
-def events() -> Any:
-    observer = Events()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-
-
 class LateRotating(Peer):
     """Watching starts at handshakeCompleted, as after startTLS."""
 
@@ -106,7 +95,7 @@ def _pair_with(cert_files: Any, server_options: Any) -> tuple[Any, Any, Any]:
         server_options, False, protocol.Factory.forProtocol(Peer), clock
     )
     cf = TLSMemoryBIOFactory(
-        _client_options(cert_files), True, protocol.Factory.forProtocol(Peer), clock
+        client_options(cert_files), True, protocol.Factory.forProtocol(Peer), clock
     )
     c, s, pump = iosim.connectedServerAndClient(
         lambda: sf.buildProtocol(None), lambda: cf.buildProtocol(None), clock=clock
@@ -118,8 +107,8 @@ def _pair_with(cert_files: Any, server_options: Any) -> tuple[Any, Any, Any]:
 def test_sni_switched_context_callback_runs(cert_files: Any) -> None:
     """The chained callback is the one of the Context in effect, after SNI."""
     calls: list[str] = []
-    first = _server_options(cert_files, "1.3")
-    second = _server_options(cert_files, "1.3")
+    first = server_options(cert_files, "1.3")
+    second = server_options(cert_files, "1.3")
     ctx_a = first.getContext()
     ctx_b = second.getContext()
     ctx_a.set_info_callback(lambda conn, where, ret: calls.append("A"))
@@ -146,7 +135,7 @@ def test_chained_callback_error_does_not_stop_watching(
     A Context info callback that raises is reported as it would be without
     the mixin (cffi's unraisable hook), and watching and data go on.
     """
-    options = _server_options(cert_files, "1.3")
+    options = server_options(cert_files, "1.3")
     handshaken: list[bool] = []
 
     def broken(c: SSL.Connection, where: int, ret: int) -> None:

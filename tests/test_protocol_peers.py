@@ -35,14 +35,17 @@ from peers import (
     OpenSSLServer,
     PeerProcess,
 )
-from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twistedharness import Events, client_options, server_options
+from zope.interface import implementer
 
 from twisted_rekey import (
     KeyUpdateFlood,
     PeerRefused,
+    RekeyConnection,
     RekeyProtocolMixin,
     RenegotiationRateLimited,
     protocol_version,
@@ -125,39 +128,6 @@ class _Factory(protocol.ClientFactory):
         self.handshaken: defer.Deferred[Watched] = defer.Deferred()
 
 
-class Events:
-    """twisted_rekey's log events, by ``rekey_event``."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if "rekey_event" in event:
-            self.events.append(event)
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["rekey_event"] == name]
-
-
-@pytest.fixture
-def events() -> Any:
-    observer = Events()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-
-
-def _client_options(certs: CertFiles) -> Any:
-    return ssl.optionsForClientTLS(
-        "localhost", ssl.Certificate.loadPEM(certs.ca.cert_pem.bytes())
-    )
-
-
-def _server_options(certs: CertFiles) -> Any:
-    pem = certs.server.private_key_and_cert_chain_pem.bytes()
-    return ssl.PrivateCertificate.loadPEM(pem).options()
-
-
 async def _tell(command: Callable[..., None], *args: Any) -> None:
     """
     Give a peer a command or a line, in a thread: the call returns only once
@@ -199,11 +169,11 @@ async def _ourClient(
     factory = _Factory(cls)
     if how == "connectSSL":
         reactor.connectSSL(
-            "127.0.0.1", peer.port, factory, _client_options(certs), timeout=5
+            "127.0.0.1", peer.port, factory, client_options(certs), timeout=5
         )
     else:
         tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", peer.port, timeout=5)
-        await endpoints.wrapClientTLS(_client_options(certs), tcp).connect(factory)
+        await endpoints.wrapClientTLS(client_options(certs), tcp).connect(factory)
     try:
         proto = await _within(factory.handshaken)
         yield proto
@@ -216,7 +186,7 @@ async def _ourClient(
 
 @asynccontextmanager
 async def _ourServer(
-    make: Any, certs: CertFiles, cls: type[Watched] = Watched
+    make: Any, certs: CertFiles, cls: type[Watched] = Watched, options: Any = None
 ) -> AsyncIterator[tuple[Any, Watched]]:
     """
     Our server on a free loopback port, and the client peer ``make(port)``
@@ -225,7 +195,9 @@ async def _ourServer(
     """
     reactor = _reactor()
     factory = _Factory(cls)
-    port = reactor.listenSSL(0, factory, _server_options(certs), interface="127.0.0.1")
+    if options is None:
+        options = server_options(certs)
+    port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
     peer = make(port.getHost().port)
     try:
         await _within(deferToThread(peer.start))
@@ -469,6 +441,48 @@ async def test_our_server_key_update_reaches_s_client(cert_files: CertFiles) -> 
         await _within(done)
         await _dataBothWays(client, us, "after")
         assert us.updates == [False]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _RekeyConnections:
+    """Our server's connections are :class:`RekeyConnection` objects."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        self.made: list[RekeyConnection] = []
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> RekeyConnection:
+        conn = RekeyConnection(self.options.getContext(), None)
+        self.made.append(conn)
+        return conn
+
+
+@pytest_twisted.ensureDeferred
+async def test_rekey_connection_under_the_mixin_both_count(
+    cert_files: CertFiles,
+) -> None:
+    """
+    A :class:`RekeyConnection` run by Twisted under the mixin: both watch
+    through the one info callback, so the connection's counters and the
+    mixin's agree on what s_client sent and what we sent.
+    """
+    creator = _RekeyConnections(server_options(cert_files))
+    async with _ourServer(_sClient(cert_files), cert_files, options=creator) as (
+        client,
+        us,
+    ):
+        [conn] = creator.made
+        assert us.transport.getHandle() is conn  # type: ignore[union-attr]
+        await _tell(client.key_update, False)
+        assert await _within(us.updated) is False
+        await _within(us.keyUpdate())
+        assert await _flag(client, OPENSSL_KEY_UPDATE_RECEIVED) is False
+        await _dataBothWays(client, us, "after")
+        assert us.updates == [False]
+        assert conn.key_updates_received == 1
+        assert conn.key_update_requests_received == 0
+        assert us.rekeyStats.keyUpdatesSent == conn.key_updates_sent == 1
+        assert conn.rotation_error is None
 
 
 @pytest_twisted.ensureDeferred

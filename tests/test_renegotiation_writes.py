@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_protocol import Events, Pair, Peer, _result, events  # noqa: F401
+from test_protocol import Pair, Peer, _result
+from twistedharness import Events
 
 from twisted_rekey import RekeyTimeout, handshake_complete
 from twisted_rekey._protocol import RENEGOTIATION_DEADLINE
@@ -62,7 +63,7 @@ def test_writes_go_out_when_the_client_ignores_the_hello_request(
 
 def test_stuck_renegotiation_closes_the_connection(
     cert_files: Any,
-    events: Events,  # noqa: F811 - the fixture
+    events: Events,
 ) -> None:
     pair = Pair(cert_files, "1.2")
     done = _result(pair.server.renegotiate(timeout=3))

@@ -7,11 +7,10 @@ shared ``task.Clock``) with synthetic traffic.  Wire-level proofs are in
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_protocol import Events, Peer, _client_options, _result, _server_options
+from test_protocol import Peer, _result
 from test_rotation_loopback import Lines
 from twisted.internet import protocol, task
 from twisted.internet.interfaces import (
@@ -19,10 +18,10 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IProtocolNegotiationFactory,
 )
-from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.protocols.wire import Echo
 from twisted.test import iosim
+from twistedharness import Events, client_options, server_options
 from zope.interface import implementer
 
 import twisted_rekey
@@ -37,14 +36,6 @@ from twisted_rekey import (
 from twisted_rekey._rotation import granularityFor, schedulerFor
 
 
-@pytest.fixture
-def events() -> Iterator[Events]:
-    observer = Events()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-
-
 class Link:
     """One in-memory TLS connection on a clock shared with others."""
 
@@ -57,11 +48,9 @@ class Link:
         version: str = "1.3",
     ) -> None:
         sf = TLSMemoryBIOFactory(
-            _server_options(cert_files, version), False, serverFactory, clock
+            server_options(cert_files, version), False, serverFactory, clock
         )
-        cf = TLSMemoryBIOFactory(
-            _client_options(cert_files), True, clientFactory, clock
-        )
+        cf = TLSMemoryBIOFactory(client_options(cert_files), True, clientFactory, clock)
         c, s, self.pump = iosim.connectedServerAndClient(
             lambda: sf.buildProtocol(None),
             lambda: cf.buildProtocol(None),

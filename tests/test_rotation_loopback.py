@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest_twisted
 from peers import OpenSSLServer
-from test_protocol import TIMEOUT, Peer, _client_options, _server_options
+from test_protocol import TIMEOUT, Peer
 from twisted.internet import defer, protocol, task
 from twisted.protocols.wire import Echo
+from twistedharness import client_options, server_options
 
 from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
 
@@ -50,7 +51,7 @@ async def test_rotating_every_200ms_while_echoing(cert_files: Any) -> None:
 
     factory = RotatingFactory(protocol.Factory.forProtocol(Recorded), fast())
     port = reactor.listenSSL(
-        0, factory, _server_options(cert_files, "1.3"), interface="127.0.0.1"
+        0, factory, server_options(cert_files, "1.3"), interface="127.0.0.1"
     )
     built: defer.Deferred[Peer] = defer.Deferred()
 
@@ -59,7 +60,7 @@ async def test_rotating_every_200ms_while_echoing(cert_files: Any) -> None:
 
     cf = protocol.ClientFactory.forProtocol(Client)
     reactor.connectSSL(
-        "127.0.0.1", port.getHost().port, cf, _client_options(cert_files), timeout=5
+        "127.0.0.1", port.getHost().port, cf, client_options(cert_files), timeout=5
     )
     client = await built.addTimeout(TIMEOUT, reactor)
     try:
@@ -119,7 +120,7 @@ async def test_openssl_server_logs_each_scheduled_rotation(cert_files: Any) -> N
 
         factory = RotatingFactory(protocol.ClientFactory.forProtocol(Recorded), fast())
         reactor.connectSSL(
-            peer.host, peer.port, factory, _client_options(cert_files), timeout=5
+            peer.host, peer.port, factory, client_options(cert_files), timeout=5
         )
         await until(lambda: built, "the connection")
         (app,) = built
@@ -162,7 +163,7 @@ async def test_two_connections_events_name_their_connection(cert_files: Any) -> 
 
     factory = RotatingFactory(protocol.Factory.forProtocol(Echo), None)
     port = reactor.listenSSL(
-        0, factory, _server_options(cert_files, "1.3"), interface="127.0.0.1"
+        0, factory, server_options(cert_files, "1.3"), interface="127.0.0.1"
     )
     clients: list[Peer] = []
     globalLogPublisher.addObserver(observe)
@@ -177,7 +178,7 @@ async def test_two_connections_events_name_their_connection(cert_files: Any) -> 
                 "127.0.0.1",
                 port.getHost().port,
                 protocol.ClientFactory.forProtocol(Client),
-                _client_options(cert_files),
+                client_options(cert_files),
                 timeout=5,
             )
             clients.append(await built.addTimeout(TIMEOUT, reactor))
@@ -235,7 +236,7 @@ class StartTLSEcho(Echo):
 async def test_starttls_and_wrapclienttls(cert_files: Any) -> None:
     from twisted.internet import endpoints, reactor
 
-    StartTLSEcho.options = _server_options(cert_files, "1.3")
+    StartTLSEcho.options = server_options(cert_files, "1.3")
     built: list[StartTLSEcho] = []
 
     class Recorded(StartTLSEcho):
@@ -256,7 +257,7 @@ async def test_starttls_and_wrapclienttls(cert_files: Any) -> None:
 
             def dataReceived(self, data: bytes) -> None:
                 if data == b"GO\n":
-                    self.transport.startTLS(_client_options(cert_files))  # type: ignore[union-attr]
+                    self.transport.startTLS(client_options(cert_files))  # type: ignore[union-attr]
                 else:
                     super().dataReceived(data)
 
@@ -281,7 +282,7 @@ async def test_starttls_and_wrapclienttls(cert_files: Any) -> None:
     # rotating on its policy, and s_server reads each KeyUpdate.
     with OpenSSLServer(cert_files, version="1.3") as peer:
         endpoint = endpoints.wrapClientTLS(
-            _client_options(cert_files),
+            client_options(cert_files),
             endpoints.TCP4ClientEndpoint(reactor, peer.host, peer.port),
         )
         app = await endpoint.connect(

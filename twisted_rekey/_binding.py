@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _elf
+from .exceptions import FunctionUnavailable
 
 __all__ = [
     "Capabilities",
@@ -58,6 +59,7 @@ __all__ = [
     "ffi",
     "function",
     "lib",
+    "need",
 ]
 
 from cryptography import __version__ as _cryptography_version
@@ -440,6 +442,19 @@ def function(name: str) -> tuple[Resolution, Any]:
     :returns: ``(resolution, callable_or_None)``.
     """
     return _resolver.resolve(name)
+
+
+def need(name: str) -> Any:
+    """
+    The verified cffi function for *name*.
+
+    :param name: a key of :data:`SIGNATURES`.
+    :raises FunctionUnavailable: with the reason, if it cannot be reached.
+    """
+    resolution, func = function(name)
+    if func is None:
+        raise FunctionUnavailable(name, resolution.reason)
+    return func
 
 
 def openssl_version() -> str:

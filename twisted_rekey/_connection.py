@@ -23,7 +23,14 @@ from OpenSSL import SSL
 
 from . import _binding
 from ._binding import ffi, lib
-from ._policy import RotationAction, RotationPolicy, RotationSchedule
+from ._binding import need as _need
+from ._infocallback import infoCallbackFor
+from ._policy import (
+    RotationAction,
+    RotationPolicy,
+    RotationSchedule,
+    client_renegotiation_refusal,
+)
 from .exceptions import (
     AlreadyInProgress,
     ConnectionStateError,
@@ -164,13 +171,6 @@ def _call_failed(function: str, conn: SSL.Connection) -> Exception:
     if _R_UNSAFE_LEGACY_RENEGOTIATION_DISABLED in reasons:
         return InsecureRenegotiation(f"{function}: {detail}")
     return OpenSSLCallError(function, [(lib_, text) for _, lib_, text in errors])
-
-
-def _need(name: str) -> Any:
-    resolution, func = _binding.function(name)
-    if func is None:
-        raise FunctionUnavailable(name, resolution.reason)
-    return func
 
 
 # TLS_ST_OK is the only state whose long name says this.
@@ -626,8 +626,6 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         self._rekey_slack = 0
         self._rekey_slack_records = 0
         self._rekey_due = -math.inf
-        self._rekey_user_info: Callable[[SSL.Connection, int, int], object] | None
-        self._rekey_user_info = None
         self._rekey_callback_error: BaseException | None = None
         #: KeyUpdates this side has written.
         self.key_updates_sent = 0
@@ -637,10 +635,12 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         self.key_update_requests_received = 0
         #: Why inline rotation stopped, or ``None`` while it works.
         self.rotation_error: RekeyError | None = None
-        self._rekey_info_callback = ffi.callback(
-            "void (*)(const SSL *, int, int)", self._rekey_info
+        infoCallbackFor(self).add(
+            self,
+            self._rekey_info,
+            self._rekey_info_failed,
+            self._rekey_chained_failed,
         )
-        _need("SSL_set_info_callback")(self._ssl, self._rekey_info_callback)
 
     @property
     def rotation_schedule(self) -> RotationSchedule | None:
@@ -663,21 +663,20 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         connection that was running (``recv``, ``send``, ``do_handshake``...)
         once OpenSSL has returned, never inside OpenSSL.
         """
-        self._rekey_user_info = callback
+        infoCallbackFor(self).replacement = callback
+
+    def _rekey_chained_failed(self, error: BaseException) -> None:
+        # The application's (or the Context's) callback: re-raised by the
+        # call that was running, once OpenSSL has returned.
+        if self._rekey_callback_error is None:
+            self._rekey_callback_error = error
+
+    def _rekey_info_failed(self, error: BaseException) -> None:
+        self.rotation_error = RekeyError(f"watching the peer failed: {error!r}")
 
     def _rekey_info(self, ssl: Any, where: int, ret: int) -> None:
-        # Inside OpenSSL: record, never raise, never re-enter the state machine.
-        try:
-            user = self._rekey_user_info
-            if user is not None:
-                user(self, where, ret)
-            else:
-                previous = getattr(self._context, "_info_callback", None)
-                if previous is not None:
-                    previous(ssl, where, ret)
-        except BaseException as e:
-            if self._rekey_callback_error is None:
-                self._rekey_callback_error = e
+        # Inside OpenSSL (through _infocallback): record, never re-enter the
+        # state machine.
         if not where & lib.SSL_CB_LOOP:
             return
         try:
@@ -796,19 +795,15 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             secure_renegotiation=secure,
         )
         self._rekey_schedule = schedule
-        if (
-            schedule.method == "renegotiation"
-            and not self._rekey_renegotiate_as_client
-            and _is_server(self) is not True  # unknown counts as a client
-        ):
-            # A refused client renegotiation ends the connection in the
-            # client's OpenSSL: never risk it unless the application says so.
-            self.rotation_error = RekeyError(
-                f"rotation stays off: on {protocol_version(self)} a client "
-                "rotates by renegotiating, which many servers refuse by "
-                "closing the connection (pass renegotiate_as_client=True "
-                "where the server allows it)"
-            )
+        is_server = _is_server(self)
+        refusal = client_renegotiation_refusal(
+            schedule,
+            is_client=None if is_server is None else not is_server,
+            allowed=self._rekey_renegotiate_as_client,
+            option="renegotiate_as_client=True",
+        )
+        if refusal is not None:
+            self.rotation_error = RekeyError(f"rotation stays off: {refusal}")
         return schedule
 
     def _rekey_account(self, nbytes: int, received: bool = False) -> None:

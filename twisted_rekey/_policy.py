@@ -36,6 +36,7 @@ __all__ = [
     "RotationReason",
     "RotationSchedule",
     "aead_record_limit",
+    "client_renegotiation_refusal",
 ]
 
 RotationMethod = Literal["key-update", "renegotiation"]
@@ -145,13 +146,29 @@ class KeyUpdateCounter:
         ``None`` for no rate bound.
     :param in_a_row: at most this many in a row without application data,
         or ``None`` for no such bound.
+    :param events: what is counted, as the sentence naming a crossed rate
+        bound says it (the Twisted layer bounds a client's renegotiations
+        with the same rolling window).
 
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_count", "_times", "_window", "in_a_row", "in_a_row_limit")
+    __slots__ = (
+        "_count",
+        "_events",
+        "_times",
+        "_window",
+        "in_a_row",
+        "in_a_row_limit",
+    )
 
-    def __init__(self, rate: tuple[int, float] | None, in_a_row: int | None) -> None:
+    def __init__(
+        self,
+        rate: tuple[int, float] | None,
+        in_a_row: int | None,
+        events: str = "KeyUpdates",
+    ) -> None:
+        self._events = events
         if rate is None:
             self._count = 0
             self._window = 0.0
@@ -194,7 +211,7 @@ class KeyUpdateCounter:
             times.append(now)
             if len(times) > self._count and times[0] > now - self._window:
                 return (
-                    f"{len(times)} KeyUpdates within {self._window} s "
+                    f"{len(times)} {self._events} within {self._window} s "
                     f"(limit {self._count})"
                 )
         return None
@@ -444,6 +461,31 @@ class RotationPolicy:
         )
 
 
+def client_renegotiation_refusal(
+    schedule: RotationSchedule, *, is_client: bool | None, allowed: bool, option: str
+) -> str | None:
+    """
+    Why *schedule* must not rotate a client's connection, or ``None``.
+
+    On TLS 1.2 a client rotates by renegotiating, which OpenSSL 3 servers
+    (and many others) refuse, and the refusal ends the connection in the
+    client's OpenSSL: a client's policy stays off there unless the
+    application says the server allows it.
+
+    :param is_client: whether this side is the client; ``None`` (not
+        known) counts as a client, since not rotating is the safe error.
+    :param allowed: what the application set with *option*.
+    :param option: how the application allows it, for the sentence.
+    """
+    if schedule.method != "renegotiation" or allowed or is_client is False:
+        return None
+    return (
+        f"on {schedule._protocol} a client rotates by renegotiating, which "
+        "many servers refuse by closing the connection (set "
+        f"{option} where the server allows it)"
+    )
+
+
 class RotationSchedule:
     """
     The rotation state of one connection: what was sent under the current
@@ -472,7 +514,6 @@ class RotationSchedule:
             raise TypeError(f"protocol must be a str, not {type(protocol).__name__}")
         self._policy = policy
         self._protocol = protocol
-        self._cipher = cipher
         self._method: RotationMethod | None = None
         self._disabled_reason: str | None = None
         if protocol == _TLS13:
@@ -500,7 +541,6 @@ class RotationSchedule:
         self._max_records = policy.max_records
         self._max_bytes = policy.max_bytes
 
-        self._started = now
         self._last_rotation = now
         self._retry_after = now
         self._bytes = 0

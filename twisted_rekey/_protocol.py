@@ -20,7 +20,6 @@ module level.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from itertools import count
 from time import time
@@ -30,7 +29,6 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
@@ -39,7 +37,6 @@ from ._connection import (
     OP_ALLOW_CLIENT_RENEGOTIATION,
     KeyUpdateType,
     _is_server,
-    _need,
     get_key_update_type,
     handshake_complete,
     key_update,
@@ -48,8 +45,25 @@ from ._connection import (
     renegotiate_abbreviated,
     renegotiate_pending,
 )
+from ._infocallback import infoCallbackFor
 from ._interfaces import IRekeyable
 from ._policy import KeyUpdateCounter
+from ._twistedtls import (
+    aborted,
+    bufferApplicationData,
+    connectionClosing,
+    factoryClock,
+    failConnection,
+    findTLS,
+    finishShutdown,
+    flushApplication,
+    flushSendBIO,
+    hasBufferedApplicationData,
+    patchTLS,
+    shutdownTLS,
+    tlsConnection,
+    unbufferApplicationData,
+)
 from .exceptions import (
     AlreadyInProgress,
     ConnectionStateError,
@@ -260,20 +274,6 @@ class RekeyStats:
     secondsSinceRotation: float
 
 
-def _findTLS(transport: object) -> TLSMemoryBIOProtocol | None:
-    """
-    The :class:`TLSMemoryBIOProtocol` that owns the memory BIO: the
-    protocol's transport itself (``listenSSL``, endpoints,
-    ``wrapClientTLS``), or the TCP transport's protocol after ``startTLS``.
-    """
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        return transport
-    inner = getattr(transport, "protocol", None)
-    if isinstance(inner, TLSMemoryBIOProtocol):
-        return inner
-    return None
-
-
 class _Watcher:
     """
     Everything the mixin keeps per connection: the info callback, the
@@ -363,7 +363,11 @@ class _Watcher:
         self.floodReason: str | None = None
         # Set once a guard tripped: nothing more from this peer is read.
         self.tripped = False
-        self.clientRenegTimes: deque[float] = deque()
+        self.clientRenegotiations = KeyUpdateCounter(
+            owner.clientRenegotiationLimit,
+            None,
+            events="client-initiated renegotiations",
+        )
         self.abuseReason: str | None = None
         self.receivedLog = _Throttle()
         self.answeredLog = _Throttle()
@@ -378,57 +382,44 @@ class _Watcher:
         if self.initialDone:
             self.lastRotation = clock.seconds()
 
-        # OpenSSL calls the SSL's own info callback *instead of* the
-        # Context's: chain to whichever one would be in effect (looked up at
-        # each call, since an SNI callback may switch the Context), so that
-        # host name checks living there (Twisted < 24) keep running.
-        self.callback = ffi.callback(
-            "void (*)(const SSL *, int, int)", self.infoCallback
+        # The one info callback of this Connection chains to the one that
+        # would be in effect without us, and to a RekeyConnection's own
+        # watching, which keeps counting.
+        infoCallbackFor(conn).add(
+            self, self.observe, self.observeFailed, self.chainedFailed
         )
-        # The SSL* outlives nothing that does not hold the Connection: keep
-        # the callback referenced there, as pyOpenSSL does with its own.
-        conn._rekeyInfoCallback = self.callback  # type: ignore[attr-defined]
-        _need("SSL_set_info_callback")(conn._ssl, self.callback)
 
         if owner.allowClientRenegotiation:
             # Only servers look at this option.
             # Connection.set_options is missing from pyOpenSSL < 25.
             lib.SSL_set_options(conn._ssl, OP_ALLOW_CLIENT_RENEGOTIATION)
 
-        # Instance attributes shadow the class's methods, for this
-        # connection only; BufferingTLSTransport does the same with write.
-        self.tlsDataReceived = tls.dataReceived
-        self.tlsConnectionLost = tls.connectionLost
-        self.tlsWrite = tls._write
-        self.tlsBufferedWrite = tls._bufferedWrite
-        self.tlsShutdownTLS = tls._shutdownTLS
-        tls.dataReceived = self.dataReceived  # type: ignore[method-assign]
-        tls.connectionLost = self.connectionLost  # type: ignore[method-assign]
-        tls._write = self.write  # type: ignore[method-assign]
-        tls._bufferedWrite = self.bufferedWrite  # type: ignore[method-assign]
-        tls._shutdownTLS = self.shutdownTLS  # type: ignore[method-assign]
+        (
+            self.tlsDataReceived,
+            self.tlsConnectionLost,
+            self.tlsWrite,
+            self.tlsBufferedWrite,
+            self.tlsShutdownTLS,
+        ) = patchTLS(
+            tls,
+            self.dataReceived,
+            self.connectionLost,
+            self.write,
+            self.bufferedWrite,
+            self.shutdownTLS,
+        )
         owner._rekeyCountReceived(self)
 
     # -- inside OpenSSL: record only, never raise, never call SSL_* that
     # -- could re-enter the state machine.
 
-    def infoCallback(self, ssl: Any, where: int, ret: int) -> None:
-        conn = self.conn
-        # pyOpenSSL >= 25.2 keeps a per-connection callback here.
-        previous = conn.__dict__.get("_info_callback")
-        if previous is None:
-            previous = getattr(conn._context, "_info_callback", None)
-        if previous is not None:
-            try:
-                previous(ssl, where, ret)
-            except BaseException as e:
-                self.previousErrors.append(e)
-                self.dirty = True
-        try:
-            self.observe(ssl, where, ret)
-        except BaseException as e:
-            self.callbackErrors.append(e)
-            self.dirty = True
+    def chainedFailed(self, error: BaseException) -> None:
+        self.previousErrors.append(error)
+        self.dirty = True
+
+    def observeFailed(self, error: BaseException) -> None:
+        self.callbackErrors.append(error)
+        self.dirty = True
 
     def observe(self, ssl: Any, where: int, ret: int) -> None:
         # Three calls per KeyUpdate sent, more per handshake: names bound
@@ -531,17 +522,9 @@ class _Watcher:
             pass
 
     def noteClientRenegotiation(self) -> None:
-        count, window = self.owner.clientRenegotiationLimit
-        now = self.clock.seconds()
-        times = self.clientRenegTimes
-        times.append(now)
-        while times and times[0] <= now - window:
-            times.popleft()
-        if len(times) > count and self.abuseReason is None:
-            self.abuseReason = (
-                f"{len(times)} client-initiated renegotiations within "
-                f"{window} s (limit {count})"
-            )
+        reason = self.clientRenegotiations.add(self.clock.seconds())
+        if reason is not None and self.abuseReason is None:
+            self.abuseReason = reason
             self.trip()
 
     # -- wrappers around the TLS protocol and the application protocol
@@ -595,10 +578,10 @@ class _Watcher:
         the close_notify, instead of letting IndexError escape.
         """
         tls = self.tls
-        conn = tls._tlsConnection
+        conn = tlsConnection(tls)
         if conn is None or not conn.get_shutdown() & _RECEIVED_SHUTDOWN:
             raise
-        tls._tlsShutdownFinished(None)
+        finishShutdown(tls)
 
     def bufferedWrite(self, data: bytes) -> None:
         # Only TLSMemoryBIOProtocol._write re-buffers, with bytes that went
@@ -614,7 +597,7 @@ class _Watcher:
         # it.  Keep reading: the bytes wait in Twisted's buffer, which it
         # empties after the read that completes the handshake, and the
         # renegotiation's deadline bounds how long that takes.
-        self.tls._appSendBuffer.append(data)
+        bufferApplicationData(self.tls, data)
 
     def holdWrite(self, data: bytes) -> bool:
         """
@@ -639,7 +622,7 @@ class _Watcher:
         ):
             self.holding = False
             return False
-        self.tls._appSendBuffer.append(data)
+        bufferApplicationData(self.tls, data)
         return True
 
     def renegotiationExpired(self, timeout: float) -> None:
@@ -650,8 +633,8 @@ class _Watcher:
             # The client never answered our HelloRequest (RFC 5246 lets it
             # ignore one): the connection itself is fine.  Our writes go out.
             self.holding = False
-            if self.tls._appSendBuffer:
-                self.tls._unbufferPendingWrites()
+            if hasBufferedApplicationData(self.tls):
+                unbufferApplicationData(self.tls)
             return
         self.log.error(
             "the renegotiation did not complete within {timeout} s; "
@@ -666,10 +649,10 @@ class _Watcher:
     def shutdownTLS(self) -> None:
         self.tlsShutdownTLS()
         tls = self.tls
-        conn = tls._tlsConnection
+        conn = tlsConnection(tls)
         if (
             self.lost
-            or getattr(tls, "_aborted", False)
+            or aborted(tls)
             or conn is None
             or not self.initialDone
             or conn.get_shutdown() & _SENT_SHUTDOWN
@@ -883,7 +866,7 @@ class _Watcher:
             # loseConnection() met a handshake: if it is over, close now
             # (shutdownTLS() waits again if not).
             self.closeAfterHandshake = False
-            self.tls._shutdownTLS()
+            shutdownTLS(self.tls)
 
     def dropRenegotiator(self, reason: str) -> None:
         self.log.warn(
@@ -959,30 +942,19 @@ class _Watcher:
     # -- our own rotations
 
     def closing(self) -> bool:
-        tls = self.tls
-        return bool(
-            self.lost
-            or tls.disconnecting
-            or not tls.connected
-            or tls._lostTLSConnection
-            or tls._tlsConnection is None
-        )
+        return self.lost or connectionClosing(self.tls)
 
     def flushApplication(self) -> None:
         # BufferingTLSTransport holds small writes until the next reactor
         # turn: push them into TLS first, so they go under the old key.
-        aggregator = getattr(self.tls, "_aggregator", None)
-        if aggregator is not None:
-            aggregator.flush()
+        flushApplication(self.tls)
 
     def flush(self) -> None:
-        flushSendBIO = getattr(self.tls, "_flushSendBIO", None)
-        if flushSendBIO is None:
+        if not flushSendBIO(self.tls):
             raise ConnectionStateError(
                 "this Twisted's TLS transport has no _flushSendBIO(): "
                 "twisted_rekey cannot send a handshake message while idle"
             )
-        flushSendBIO()
 
     def keyUpdate(
         self, requestPeer: bool, timeout: float | None, reason: str
@@ -1235,12 +1207,8 @@ class _Watcher:
         return _Waiter(self, self.renegWaiters, timeout, "the renegotiation").deferred
 
     def drop(self, error: RekeyError) -> None:
-        failVerification = getattr(self.tls, "failVerification", None)
-        if failVerification is not None:
-            # Sets the reason the application's connectionLost receives.
-            failVerification(Failure(error))  # type: ignore[no-untyped-call]
-        else:  # pragma: no cover - every TLSMemoryBIOProtocol has it
-            self.tls.abortConnection()
+        # The reason the application's connectionLost receives.
+        failConnection(self.tls, Failure(error))  # type: ignore[no-untyped-call]
 
     def stats(self) -> RekeyStats:
         now = self.clock.seconds()
@@ -1606,17 +1574,17 @@ class RekeyProtocolMixin:
         if watcher is not None:
             return watcher
         transport = getattr(self, "transport", None)
-        tls = _findTLS(transport)
+        tls = findTLS(transport)
         if tls is None:
             return None
-        conn = tls._tlsConnection
-        if conn is None or getattr(conn, "_rekeyInfoCallback", None) is not None:
+        conn = tlsConnection(tls)
+        if conn is None or infoCallbackFor(conn).observedBy(_Watcher):
             return None
         # The clock given to the mixin, else the one Twisted's TLS factory
         # was given (the buffering transport runs on it), else the reactor.
         clock = self.clock
         if clock is None:
-            clock = getattr(tls.factory, "_clock", None)
+            clock = factoryClock(tls)
         if clock is None:
             from twisted.internet import reactor
 

@@ -39,9 +39,15 @@ from zope.interface import (  # type: ignore[import-untyped]
 )
 
 from ._connection import protocol_version, secure_renegotiation_support
-from ._policy import RotationAction, RotationPolicy, RotationSchedule
-from ._protocol import RekeyProtocolMixin, _findTLS
-from ._scheduler import RotationScheduler
+from ._policy import (
+    RotationAction,
+    RotationPolicy,
+    RotationSchedule,
+    client_renegotiation_refusal,
+)
+from ._protocol import RekeyProtocolMixin
+from ._scheduler import RotationScheduler, schedulerFor
+from ._twistedtls import countReceived, findTLS, webConnection
 from .exceptions import (
     ConnectionStateError,
     FunctionUnavailable,
@@ -64,10 +70,6 @@ _GRANULARITIES = (1.0, 0.5, 0.25, 0.1, 0.05, 0.025)
 #: failed and tries again later.
 RENEGOTIATION_TIMEOUT = 30.0
 
-_schedulers: weakref.WeakKeyDictionary[
-    object, dict[float, weakref.ref[RotationScheduler]]
-] = weakref.WeakKeyDictionary()
-
 
 def granularityFor(policy: RotationPolicy) -> float:
     """
@@ -77,8 +79,6 @@ def granularityFor(policy: RotationPolicy) -> float:
 
     :param policy: the policy.
     :returns: a bucket width in seconds.
-
-    .. versionadded:: 0.1.0
     """
     timed = [
         x for x in (policy.interval, policy.request_peer_interval) if x is not None
@@ -90,26 +90,6 @@ def granularityFor(policy: RotationPolicy) -> float:
     return _GRANULARITIES[-1]
 
 
-def schedulerFor(clock: IReactorTime, granularity: float) -> RotationScheduler:
-    """
-    The scheduler shared by every connection of *clock* that rotates at
-    *granularity*: :meth:`RotationScheduler.forReactor` when its
-    granularity matches, else one more per (clock, granularity).
-
-    .. versionadded:: 0.1.0
-    """
-    shared = RotationScheduler.forReactor(clock, granularity)
-    if shared.granularity == granularity:
-        return shared
-    byWidth = _schedulers.setdefault(clock, {})
-    ref = byWidth.get(granularity)
-    scheduler = ref() if ref is not None else None
-    if scheduler is None:
-        scheduler = RotationScheduler(clock, granularity)
-        byWidth[granularity] = weakref.ref(scheduler)
-    return scheduler
-
-
 class RotationDriver:
     """
     Applies a :class:`~twisted_rekey.RotationPolicy` to one connection of a
@@ -119,8 +99,6 @@ class RotationDriver:
     ``rotationPolicy`` is set) and tells it every application write, every
     rotation of the peer and the loss of the connection; applications only
     read its :attr:`schedule` (through the mixin's ``rotationSchedule``).
-
-    .. versionadded:: 0.1.0
     """
 
     __slots__ = (
@@ -211,21 +189,15 @@ class RotationDriver:
             owner, clock, schedulerFor(clock, granularity), schedule, watcher.log
         )
         reason = schedule.disabled_reason
-        if (
-            reason is None
-            and schedule.method == "renegotiation"
-            # Unknown counts as client: refusing to rotate is the safe error.
-            and watcher.isClient is not False
-            and not owner.renegotiateAsClient
-        ):
-            # A refused client renegotiation ends the connection in the
-            # client's OpenSSL: never risk it unless the application says so.
-            reason = (
-                f"a {version} client's rotation would be a client-initiated "
-                "renegotiation, which many servers refuse by closing the "
-                "connection (set renegotiateAsClient where the server allows it)"
+        if reason is None:
+            reason = client_renegotiation_refusal(
+                schedule,
+                is_client=watcher.isClient,
+                allowed=owner.renegotiateAsClient,
+                option="renegotiateAsClient",
             )
-            driver._stopped = True
+            if reason is not None:
+                driver._stopped = True
         if reason is not None:
             driver._log.info(
                 "key rotation disabled for this connection: {reason}",
@@ -523,15 +495,7 @@ class _ConnectionRekeyer(RekeyProtocolMixin):
         # Count on the TLS side, where the bytes leave OpenSSL, so that
         # nothing is set on the application's protocol (which may be a
         # proxy that swaps what it forwards to, as Site's HTTP/2 switch).
-        conn: Any = watcher.conn
-        recv = conn.recv
-
-        def counted(*args: Any) -> bytes:
-            data: bytes = recv(*args)
-            watcher.bytesReceived += len(data)
-            return data
-
-        conn.recv = counted
+        countReceived(watcher.conn, watcher)
 
 
 def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
@@ -568,7 +532,7 @@ def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
     # A transport, or a protocol whose transport leads to the TLS one.
     candidate = protocolOrTransport
     for _ in range(3):
-        tls = _findTLS(candidate)
+        tls = findTLS(candidate)
         if tls is not None:
             found = tls.__dict__.get("_rekeyOwner")
             if found is not None:
@@ -580,7 +544,7 @@ def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:
         if following is None:
             # twisted.web's HTTP/2 streams (a request's channel) have no
             # transport of their own: their connection has it.
-            following = getattr(candidate, "_conn", None)
+            following = webConnection(candidate)
         if following is None:
             break
         candidate = following
@@ -778,7 +742,7 @@ def _refuse(protocol: object, why: str) -> None:
 
 def _attach(protocol: Any, transport: Any, factory: RotatingFactory) -> None:
     try:
-        tls = _findTLS(transport)
+        tls = findTLS(transport)
         if tls is None:
             startTLS = getattr(transport, "startTLS", None)
             if startTLS is not None:
@@ -809,7 +773,7 @@ def _watchStartTLS(
         except AttributeError:  # pragma: no cover - set just below
             pass
         result = startTLS(*args, **kwargs)
-        if _findTLS(transport) is not None:
+        if findTLS(transport) is not None:
             _attach(protocol, transport, factory)
         return result
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from ._wheel import TimerWheel
 
-__all__ = ["RotationScheduler", "TimerCallback"]
+__all__ = ["RotationScheduler", "TimerCallback", "schedulerFor"]
 
 _log = Logger()
 
@@ -54,9 +54,37 @@ class _Clock(Protocol):
     ) -> _DelayedCall: ...
 
 
-_shared: weakref.WeakKeyDictionary[object, weakref.ref[RotationScheduler]] = (
-    weakref.WeakKeyDictionary()
-)
+# Per clock, the schedulers connections share: under ``None`` the one
+# forReactor() hands out, under a granularity the others schedulerFor() made.
+_shared: weakref.WeakKeyDictionary[
+    object, dict[float | None, weakref.ref[RotationScheduler]]
+] = weakref.WeakKeyDictionary()
+
+
+def _registered(
+    clock: object, key: float | None, make: Callable[[], RotationScheduler]
+) -> RotationScheduler:
+    byKey = _shared.setdefault(clock, {})
+    ref = byKey.get(key)
+    scheduler = ref() if ref is not None else None
+    if scheduler is None:
+        scheduler = make()
+        byKey[key] = weakref.ref(scheduler)
+    return scheduler
+
+
+def schedulerFor(clock: IReactorTime, granularity: float) -> RotationScheduler:
+    """
+    The scheduler shared by every connection of *clock* that rotates at
+    *granularity*: :meth:`RotationScheduler.forReactor` when its
+    granularity matches, else one more per (clock, granularity).
+    """
+    shared = RotationScheduler.forReactor(clock, granularity)
+    if shared.granularity == granularity:
+        return shared
+    return _registered(
+        clock, granularity, lambda: RotationScheduler(clock, granularity)
+    )
 
 
 def _delayUntil(now: float, when: float) -> float:
@@ -126,12 +154,8 @@ class RotationScheduler:
             from twisted.internet import reactor
 
             clock = cast(IReactorTime, reactor)
-        ref = _shared.get(clock)
-        scheduler = ref() if ref is not None else None
-        if scheduler is None:
-            scheduler = cls(clock, granularity)
-            _shared[clock] = weakref.ref(scheduler)
-        return scheduler
+        reactor = clock
+        return _registered(reactor, None, lambda: cls(reactor, granularity))
 
     @property
     def clock(self) -> IReactorTime:

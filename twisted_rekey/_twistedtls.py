@@ -1,0 +1,202 @@
+"""
+Every touch of Twisted's TLS internals, in one place.
+
+:class:`twisted.protocols.tls.TLSMemoryBIOProtocol` has no public API for
+what rotating keys needs (sending a handshake message while the
+application is idle, holding application data during a renegotiation,
+seeing the bytes OpenSSL hands back, finishing a shutdown OpenSSL refused
+mid-handshake).  The private attributes this takes are reached only through
+the small functions below, so that the lines a Twisted release can break
+are these; the suite runs against the oldest and the newest supported
+Twisted.
+
+This module must never import the reactor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+    from twisted.python.failure import Failure
+
+__all__ = [
+    "aborted",
+    "bufferApplicationData",
+    "connectionClosing",
+    "countReceived",
+    "factoryClock",
+    "failConnection",
+    "findTLS",
+    "finishShutdown",
+    "flushApplication",
+    "flushSendBIO",
+    "hasBufferedApplicationData",
+    "patchTLS",
+    "shutdownTLS",
+    "tlsConnection",
+    "unbufferApplicationData",
+    "webConnection",
+]
+
+
+def findTLS(transport: object) -> TLSMemoryBIOProtocol | None:
+    """
+    The :class:`TLSMemoryBIOProtocol` that owns the memory BIO: the
+    protocol's transport itself (``listenSSL``, endpoints,
+    ``wrapClientTLS``), or the TCP transport's protocol after ``startTLS``.
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return transport
+    inner = getattr(transport, "protocol", None)
+    if isinstance(inner, TLSMemoryBIOProtocol):
+        return inner
+    return None
+
+
+def webConnection(candidate: object) -> object | None:
+    """
+    The connection of a twisted.web HTTP/2 stream (a request's channel),
+    which has no transport of its own; ``None`` for anything else.
+    """
+    return getattr(candidate, "_conn", None)
+
+
+def tlsConnection(tls: Any) -> SSL.Connection | None:
+    """The TLS protocol's OpenSSL Connection, ``None`` once it is gone."""
+    conn: SSL.Connection | None = tls._tlsConnection
+    return conn
+
+
+def factoryClock(tls: Any) -> Any:
+    """
+    The clock Twisted's TLS factory was given (the buffering transport runs
+    on it), or ``None``.
+    """
+    return getattr(tls.factory, "_clock", None)
+
+
+def patchTLS(
+    tls: Any,
+    dataReceived: Callable[[bytes], None],
+    connectionLost: Callable[[Any], None],
+    write: Callable[[bytes], None],
+    bufferedWrite: Callable[[bytes], None],
+    shutdown: Callable[[], None],
+) -> tuple[Callable[..., Any], ...]:
+    """
+    Route the TLS protocol's read, loss, write, re-buffered write and
+    shutdown through the given callables, for this connection only
+    (instance attributes shadow the class's methods, as
+    ``BufferingTLSTransport`` does with ``write``).
+
+    :returns: the methods replaced, in the same order.
+    """
+    originals = (
+        tls.dataReceived,
+        tls.connectionLost,
+        tls._write,
+        tls._bufferedWrite,
+        tls._shutdownTLS,
+    )
+    tls.dataReceived = dataReceived
+    tls.connectionLost = connectionLost
+    tls._write = write
+    tls._bufferedWrite = bufferedWrite
+    tls._shutdownTLS = shutdown
+    return originals
+
+
+def countReceived(conn: Any, counter: Any) -> None:
+    """
+    Add the size of every read of application data *conn* hands the TLS
+    protocol to ``counter.bytesReceived``.
+    """
+    recv = conn.recv
+
+    def counted(*args: Any) -> bytes:
+        data: bytes = recv(*args)
+        counter.bytesReceived += len(data)
+        return data
+
+    conn.recv = counted
+
+
+def connectionClosing(tls: Any) -> bool:
+    """Whether the TLS connection is closing or closed."""
+    return bool(
+        tls.disconnecting
+        or not tls.connected
+        or tls._lostTLSConnection
+        or tls._tlsConnection is None
+    )
+
+
+def aborted(tls: Any) -> bool:
+    """Whether ``abortConnection()`` was called."""
+    return bool(getattr(tls, "_aborted", False))
+
+
+def finishShutdown(tls: Any) -> None:
+    """Finish as Twisted does when a read meets the peer's close_notify."""
+    tls._tlsShutdownFinished(None)
+
+
+def shutdownTLS(tls: Any) -> None:
+    """Send our close_notify (through whatever :func:`patchTLS` set)."""
+    tls._shutdownTLS()
+
+
+def bufferApplicationData(tls: Any, data: bytes) -> None:
+    """
+    Put *data* in the TLS protocol's own buffer of application data, which
+    it empties (in order) after the read that completes a handshake.
+    """
+    tls._appSendBuffer.append(data)
+
+
+def hasBufferedApplicationData(tls: Any) -> bool:
+    return bool(tls._appSendBuffer)
+
+
+def unbufferApplicationData(tls: Any) -> None:
+    """Write out what the TLS protocol buffered."""
+    tls._unbufferPendingWrites()
+
+
+def flushApplication(tls: Any) -> None:
+    """
+    Push the small writes ``BufferingTLSTransport`` holds until the next
+    reactor turn into TLS now.
+    """
+    aggregator = getattr(tls, "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()
+
+
+def flushSendBIO(tls: Any) -> bool:
+    """
+    Hand what OpenSSL wrote into the memory BIO to the TCP transport.
+
+    :returns: ``False`` if this Twisted's TLS protocol cannot.
+    """
+    flush = getattr(tls, "_flushSendBIO", None)
+    if flush is None:
+        return False
+    flush()
+    return True
+
+
+def failConnection(tls: Any, failure: Failure) -> None:
+    """
+    Drop the connection, with *failure* as the reason the application's
+    ``connectionLost`` receives.
+    """
+    failVerification = getattr(tls, "failVerification", None)
+    if failVerification is not None:
+        failVerification(failure)
+    else:  # pragma: no cover - every TLSMemoryBIOProtocol has it
+        tls.abortConnection()
