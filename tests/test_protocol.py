@@ -14,6 +14,7 @@ import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -890,6 +891,37 @@ def test_received_key_update_events_are_rate_limited(
     assert 2 <= len(received) <= 4
     assert sum(e["updates"] for e in received) <= 30
     assert received[-1]["count"] <= 30
+
+
+class ClosingPeer(Peer):
+    """Logs its loss, as the plugins' "closed: ..." line does."""
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        Logger().info("closed", rekey_event="application_closed")
+        super().connectionLost(reason)
+
+
+def test_held_key_update_events_come_before_the_applications_loss(
+    cert_files: Any, events: Events
+) -> None:
+    """
+    What the throttle held back is logged when the connection goes, and
+    before the application hears of the loss: a line the application logs
+    then comes after every KeyUpdate it read, as on the wire.
+    """
+    pair = Pair(cert_files, serverClass=ClosingPeer)
+    _bursts(pair, 5, 1, 0.1)  # within one second: all but the first held
+    pair.client.transport.loseConnection()  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert pair.server.lost is not None
+    names = events.names()
+    received = [i for i, name in enumerate(names) if name == "key_update_received"]
+    closed = names.index("application_closed")
+    assert received and max(received) < closed
+    updates = sum(
+        e["updates"] for e in events.events if e["rekey_event"] == "key_update_received"
+    )
+    assert updates == pair.server.rekeyStats.keyUpdatesReceived == 5
 
 
 def test_answers_to_our_requests_are_not_counted(cert_files: Any) -> None:

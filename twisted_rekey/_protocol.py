@@ -683,6 +683,10 @@ class _Watcher:
         self.tls.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:
+        # What the throttled events held back goes out before the
+        # application hears of the loss, so that a log line it writes then
+        # (the plugins' "closed: ...") comes after them, as on the wire.
+        self.logHeld()
         try:
             self.tlsConnectionLost(reason)
         finally:
@@ -705,10 +709,7 @@ class _Watcher:
             self.processEvents(answer=False)
         # What the throttled events held back, once, so that the log adds
         # up to the connection's figures.
-        if self.receivedLog.held:
-            self.logReceived(self.received)
-        if self.answeredLog.held:
-            self.logAnswered()
+        self.logHeld()
         if self.refused:
             message = "the peer refused to renegotiate (no_renegotiation alert)"
         else:
@@ -888,6 +889,12 @@ class _Watcher:
             requests=requests,
             count=count,
         )
+
+    def logHeld(self) -> None:
+        if self.receivedLog.held:
+            self.logReceived(self.received)
+        if self.answeredLog.held:
+            self.logAnswered()
 
     def logAnswered(self) -> None:
         held, self.answeredLog.held = self.answeredLog.held, 0
