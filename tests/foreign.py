@@ -215,6 +215,9 @@ class ForeignPeer(PeerProcess):
     :param accept: connections a server serves before exiting.
     :param renegotiate: Go client: ``"never"``, ``"once"`` or ``"freely"``
         (``tls.Config.Renegotiation``; Go refuses renegotiation by default).
+    :param lockstep: Java client: write a chunk, read all of its echo, and
+        only then pause for *pace* (one thread; by default a writer thread
+        streams while the main thread reads).
     :param rekey_every: Java/Node: start a renegotiation (Java on TLS 1.3: a
         KeyUpdate) every so many seconds.
     :param timeout: the driver gives up (error, exit 1) after this long.
@@ -236,6 +239,7 @@ class ForeignPeer(PeerProcess):
         accept: int = 1,
         renegotiate: str | None = None,
         rekey_every: float | None = None,
+        lockstep: bool = False,
         timeout: float = 30.0,
     ) -> None:
         if role not in ("server", "client"):
@@ -272,6 +276,10 @@ class ForeignPeer(PeerProcess):
             if stack != "go":
                 raise ValueError("renegotiate= is a Go client option")
             options["renegotiate"] = renegotiate
+        if lockstep:
+            if stack != "java" or role != "client":
+                raise ValueError("lockstep= is a Java client option")
+            options["lockstep"] = "true"
         if rekey_every is not None:
             if stack == "go":
                 raise ValueError("Go's crypto/tls cannot start a rekey itself")

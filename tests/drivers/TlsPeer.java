@@ -221,6 +221,33 @@ public final class TlsPeer {
         sock.startHandshake();
         startRekeys(sock);
         MessageDigest sent = MessageDigest.getInstance("SHA-256");
+        MessageDigest received = MessageDigest.getInstance("SHA-256");
+        InputStream in = sock.getInputStream();
+        byte[] buf = new byte[65536];
+        long count = 0;
+        if (Boolean.parseBoolean(opt("lockstep", "false"))) {
+            // One thread: write a chunk, read all of its echo, then pause.
+            // JSSE cannot write from one thread while another runs a
+            // renegotiation (docs/security.rst), so a TLS 1.2 client that
+            // writes only after a pause gives the server's quiet-period
+            // rule a window that does not depend on thread timing.
+            OutputStream out = sock.getOutputStream();
+            SecureRandom random = new SecureRandom();
+            byte[] chunkBuf = new byte[chunk];
+            for (int left = total; left > 0; left -= chunk) {
+                int len = Math.min(left, chunk);
+                random.nextBytes(chunkBuf);
+                sent.update(chunkBuf, 0, len);
+                out.write(chunkBuf, 0, len);
+                out.flush();
+                count = readEcho(in, buf, received, count, total - left + len);
+                if (pace > 0 && left > len) {
+                    Thread.sleep(pace);
+                }
+            }
+            finish(sock, in, buf, sent, received, count);
+            return;
+        }
         AtomicReference<Throwable> writeError = new AtomicReference<>();
         Thread writer = new Thread(() -> {
             try {
@@ -242,22 +269,30 @@ public final class TlsPeer {
             }
         });
         writer.start();
-        MessageDigest received = MessageDigest.getInstance("SHA-256");
-        InputStream in = sock.getInputStream();
-        byte[] buf = new byte[65536];
-        long count = 0;
-        while (count < total) {
-            int got = in.read(buf, 0, (int) Math.min(buf.length, total - count));
-            if (got < 0) {
-                throw new java.io.EOFException("closed after " + count + " of " + total + " bytes");
-            }
-            received.update(buf, 0, got);
-            count += got;
-        }
+        count = readEcho(in, buf, received, count, total);
         writer.join();
         if (writeError.get() != null) {
             throw new Exception("write failed", writeError.get());
         }
+        finish(sock, in, buf, sent, received, count);
+    }
+
+    // Reads the echo until *until* bytes have come back in all.
+    private static long readEcho(InputStream in, byte[] buf, MessageDigest received,
+                                 long count, long until) throws java.io.IOException {
+        while (count < until) {
+            int got = in.read(buf, 0, (int) Math.min(buf.length, until - count));
+            if (got < 0) {
+                throw new java.io.EOFException("closed after " + count + " of " + until + " bytes");
+            }
+            received.update(buf, 0, got);
+            count += got;
+        }
+        return count;
+    }
+
+    private static void finish(SSLSocket sock, InputStream in, byte[] buf, MessageDigest sent,
+                               MessageDigest received, long count) throws Exception {
         String a = HexFormat.of().formatHex(sent.digest());
         String b = HexFormat.of().formatHex(received.digest());
         say("RESULT bytes=" + count + " sha256=" + b + " match=" + a.equals(b));
