@@ -253,12 +253,12 @@ public final class TlsPeer {
             try {
                 OutputStream out = sock.getOutputStream();
                 SecureRandom random = new SecureRandom();
-                byte[] buf = new byte[chunk];
+                byte[] chunkBuf = new byte[chunk];
                 for (int left = total; left > 0; left -= chunk) {
                     int len = Math.min(left, chunk);
-                    random.nextBytes(buf);
-                    sent.update(buf, 0, len);
-                    out.write(buf, 0, len);
+                    random.nextBytes(chunkBuf);
+                    sent.update(chunkBuf, 0, len);
+                    out.write(chunkBuf, 0, len);
                     out.flush();
                     if (pace > 0) {
                         Thread.sleep(pace);
