@@ -558,6 +558,41 @@ class RekeyConnectionMixin:
         return rekey(self, request_peer)  # type: ignore[arg-type]
 
 
+class _Meter:
+    """
+    The state :meth:`RekeyConnection.send` reads and updates on every
+    write, kept out of the connection: pyOpenSSL's ``Connection`` defines
+    ``__getattr__``, which sends every attribute access on it down CPython's
+    slow path (about 35 ns each, ~0.3 us a write here).
+    """
+
+    __slots__ = (
+        "clock",
+        "due",
+        "error",
+        "inline",
+        "records",
+        "slack",
+        "slack_records",
+        "unsent",
+    )
+
+    def __init__(self, clock: Callable[[], float], *, inline: bool) -> None:
+        self.clock = clock
+        #: Whether the policy applies (there is one, and no rotation_error).
+        self.inline = inline
+        # Data sent and not yet told to the schedule, and how much more may
+        # be sent, or until when, before the schedule must hear of it: the
+        # per-write path then only adds and compares (_rekey_rearm).
+        self.unsent = 0
+        self.records = 0
+        self.slack = 0
+        self.slack_records = 0
+        self.due = -math.inf
+        #: What an info callback raised, re-raised once OpenSSL has returned.
+        self.error: BaseException | None = None
+
+
 class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     """
     A :class:`OpenSSL.SSL.Connection` with key update and renegotiation
@@ -615,26 +650,16 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             )
         super().__init__(context, socket)
         self._rekey_policy = policy
-        self._rekey_clock = clock
+        self._rekey_meter = _Meter(clock, inline=policy is not None)
         self._rekey_renegotiate_as_client = renegotiate_as_client
         self._rekey_schedule: RotationSchedule | None = None
-        # Data sent and not yet told to the schedule, and how much more may
-        # be sent, or until when, before the schedule must hear of it: the
-        # per-write path then only adds and compares (see _rekey_flush).
-        self._rekey_unsent = 0
-        self._rekey_unsent_records = 0
-        self._rekey_slack = 0
-        self._rekey_slack_records = 0
-        self._rekey_due = -math.inf
-        self._rekey_callback_error: BaseException | None = None
         #: KeyUpdates this side has written.
         self.key_updates_sent = 0
         #: KeyUpdates read from the peer.
         self.key_updates_received = 0
         #: How many of those asked this side to update too.
         self.key_update_requests_received = 0
-        #: Why inline rotation stopped, or ``None`` while it works.
-        self.rotation_error: RekeyError | None = None
+        self._rekey_rotation_error: RekeyError | None = None
         infoCallbackFor(self).add(
             self,
             self._rekey_info,
@@ -643,13 +668,23 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         )
 
     @property
+    def rotation_error(self) -> RekeyError | None:
+        """Why inline rotation stopped, or ``None`` while it works."""
+        return self._rekey_rotation_error
+
+    @rotation_error.setter
+    def rotation_error(self, error: RekeyError | None) -> None:
+        self._rekey_rotation_error = error
+        self._rekey_meter.inline = self._rekey_policy is not None and error is None
+
+    @property
     def rotation_schedule(self) -> RotationSchedule | None:
         """
         The policy's state for this connection (counters, next deadline),
         once the first write after the handshake has started it.
         """
         schedule = self._rekey_schedule
-        if schedule is not None and self._rekey_unsent_records:
+        if schedule is not None and self._rekey_meter.records:
             self._rekey_account(0)  # so that its counters are up to date
         return schedule
 
@@ -668,8 +703,9 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     def _rekey_chained_failed(self, error: BaseException) -> None:
         # The application's (or the Context's) callback: re-raised by the
         # call that was running, once OpenSSL has returned.
-        if self._rekey_callback_error is None:
-            self._rekey_callback_error = error
+        meter = self._rekey_meter
+        if meter.error is None:
+            meter.error = error
 
     def _rekey_info_failed(self, error: BaseException) -> None:
         self.rotation_error = RekeyError(f"watching the peer failed: {error!r}")
@@ -697,7 +733,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             self.key_update_requests_received += requested
             schedule = self._rekey_schedule
             if schedule is not None:
-                now = self._rekey_clock()
+                now = self._rekey_meter.clock()
                 self._rekey_tell(schedule, now)
                 schedule.peer_rotated(now, requested=requested)
                 self._rekey_rearm(schedule)
@@ -705,7 +741,8 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             self.rotation_error = RekeyError(f"watching the peer failed: {e!r}")
 
     def _rekey_reraise(self) -> None:
-        error, self._rekey_callback_error = self._rekey_callback_error, None
+        meter = self._rekey_meter
+        error, meter.error = meter.error, None
         if error is not None:
             raise error
 
@@ -741,21 +778,21 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     def send(self, buf: Any, flags: int = 0) -> int:
         """As :meth:`OpenSSL.SSL.Connection.send`, then the policy."""
         # The per-write path: a 1 KiB send costs ~2 us in pyOpenSSL, so every
-        # attribute lookup and call here shows (benchmarks/, "send").
+        # attribute lookup and call here shows (benchmarks/, "send"); it
+        # reads the connection once, and then only its _Meter.
+        meter = self._rekey_meter
         try:
             sent: int = _Connection_send(self, buf, flags)
         finally:
-            if self._rekey_callback_error is not None:
+            if meter.error is not None:
                 self._rekey_reraise()
-        if self._rekey_policy is not None and self.rotation_error is None:
-            unsent = self._rekey_unsent = self._rekey_unsent + sent
-            records = self._rekey_unsent_records = self._rekey_unsent_records - (
-                -sent // _RECORD_PAYLOAD
-            )
+        if meter.inline:
+            unsent = meter.unsent = meter.unsent + sent
+            records = meter.records = meter.records - (-sent // _RECORD_PAYLOAD)
             if (
-                unsent >= self._rekey_slack
-                or records >= self._rekey_slack_records
-                or self._rekey_clock() >= self._rekey_due
+                unsent >= meter.slack
+                or records >= meter.slack_records
+                or meter.clock() >= meter.due
             ):
                 self._rekey_account(0)
         return sent
@@ -812,16 +849,17 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         # (each direction's bytes count toward its own key: a connection
         # that only receives renews the peer's key too); rotate if it says
         # so, and work out how much may be sent before it must be asked again.
-        if self._rekey_policy is None or self.rotation_error is not None:
+        meter = self._rekey_meter
+        if not meter.inline:
             return
         if not received:
-            self._rekey_unsent += nbytes
-            self._rekey_unsent_records -= -nbytes // _RECORD_PAYLOAD
-        now = self._rekey_clock()
+            meter.unsent += nbytes
+            meter.records -= -nbytes // _RECORD_PAYLOAD
+        now = meter.clock()
         schedule = self._rekey_schedule or self._rekey_start(now)
         if schedule is None or schedule.disabled_reason is not None:
-            self._rekey_unsent = self._rekey_unsent_records = 0
-            self._rekey_slack = self._rekey_slack_records = 0
+            meter.unsent = meter.records = 0
+            meter.slack = meter.slack_records = 0
             return
         # data_sent() already says whatever is due at *now*, timed rotations
         # included: asking get_timer() as well would only repeat it.
@@ -837,12 +875,11 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     def _rekey_tell(
         self, schedule: RotationSchedule, now: float
     ) -> RotationAction | None:
-        if not self._rekey_unsent_records:
+        meter = self._rekey_meter
+        if not meter.records:
             return None
-        action = schedule.data_sent(
-            now, self._rekey_unsent, records=self._rekey_unsent_records
-        )
-        self._rekey_unsent = self._rekey_unsent_records = 0
+        action = schedule.data_sent(now, meter.unsent, records=meter.records)
+        meter.unsent = meter.records = 0
         return action
 
     def _rekey_rearm(self, schedule: RotationSchedule) -> None:
@@ -850,17 +887,18 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         # a deadline passes: until then writes need not reach it.  The slack
         # is exactly what is left below each threshold, so a rotation comes
         # after the same write as if every write were told at once.
+        meter = self._rekey_meter
         deadline = schedule.get_timer()
         if deadline is None and not schedule.bytes_sent:
             # Idle under skip_idle: the first byte brings the deadline back.
-            self._rekey_slack = self._rekey_slack_records = 1
-            self._rekey_due = math.inf
+            meter.slack = meter.slack_records = 1
+            meter.due = math.inf
             return
-        self._rekey_due = math.inf if deadline is None else deadline
+        meter.due = math.inf if deadline is None else deadline
         limit = schedule.policy.max_bytes
-        self._rekey_slack = _NO_LIMIT if limit is None else limit - schedule.bytes_sent
+        meter.slack = _NO_LIMIT if limit is None else limit - schedule.bytes_sent
         records = schedule.record_limit
-        self._rekey_slack_records = (
+        meter.slack_records = (
             _NO_LIMIT if records is None else records - schedule.records_sent
         )
 
@@ -888,7 +926,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             # The application's own info callback raised during the
             # rotation's handshake step: re-raised by the next call.
             schedule.rotation_failed(now)
-            if self._rekey_callback_error is None:
-                self._rekey_callback_error = e
+            if self._rekey_meter.error is None:
+                self._rekey_meter.error = e
         else:
             schedule.rotated(now, requested_peer=action.request_peer)
