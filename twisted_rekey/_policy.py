@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -156,6 +155,7 @@ class KeyUpdateCounter:
     __slots__ = (
         "_count",
         "_events",
+        "_oldest",
         "_times",
         "_window",
         "in_a_row",
@@ -169,13 +169,18 @@ class KeyUpdateCounter:
         events: str = "KeyUpdates",
     ) -> None:
         self._events = events
+        # The times of the last count + 1 KeyUpdates, oldest first until the
+        # list is full, then a ring whose oldest entry is at _oldest: a few
+        # floats per connection (a deque takes a 64-slot block from its first
+        # entry, ~600 bytes, and every connection has several counters).
+        self._oldest = 0
         if rate is None:
             self._count = 0
             self._window = 0.0
-            self._times: deque[float] | None = None
+            self._times: list[float] | None = None
         else:
             self._count, self._window = rate
-            self._times = deque(maxlen=self._count + 1)
+            self._times = []
         self.in_a_row_limit = in_a_row
         #: KeyUpdates since the last application data.
         self.in_a_row = 0
@@ -208,8 +213,14 @@ class KeyUpdateCounter:
             )
         times = self._times
         if times is not None:
-            times.append(now)
-            if len(times) > self._count and times[0] > now - self._window:
+            if len(times) <= self._count:
+                times.append(now)
+                oldest = times[0]
+            else:
+                times[self._oldest] = now
+                self._oldest = (self._oldest + 1) % len(times)
+                oldest = times[self._oldest]
+            if len(times) > self._count and oldest > now - self._window:
                 return (
                     f"{len(times)} {self._events} within {self._window} s "
                     f"(limit {self._count})"
@@ -227,8 +238,11 @@ class KeyUpdateCounter:
             return None
         times = self._times
         if times is not None and self._count and len(times) >= self._count:
-            # A microsecond past the window's end, against rounding.
-            return max(now, times[-self._count] + self._window + 1e-6)
+            # The count-th newest time, a microsecond past the window's end
+            # (against rounding).
+            newest = (self._oldest - 1) % len(times)
+            kth = times[(newest - self._count + 1) % len(times)]
+            return max(now, kth + self._window + 1e-6)
         if times is not None and not self._count:
             return None
         return now
