@@ -32,9 +32,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twistedharness import client_options, server_options
 from zope.interface import implementer
 
-from twisted_rekey import _tunnel
-from twisted_rekey._echo import EchoFactory, EchoProtocol
-from twisted_rekey._tunnel import MAX_PENDING, InboundSide, RelayFactory, RelaySide
+from twisted_rekey.apps import tunnel
+from twisted_rekey.apps.echo import EchoFactory, EchoProtocol
+from twisted_rekey.apps.tunnel import MAX_PENDING, InboundSide, RelayFactory, RelaySide
 
 #: What the writing end sends in one go.
 TOTAL = 32 << 20
@@ -605,7 +605,7 @@ async def test_tunnel_drops_a_side_over_the_pending_bound(
 async def test_tunnel_drops_a_connection_whose_outbound_handshake_stalls(
     cert_files: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_tunnel, "SETUP_TIMEOUT", 0.5)
+    monkeypatch.setattr(tunnel, "SETUP_TIMEOUT", 0.5)
     net = Network(cert_files)
     try:
         started = time.monotonic()
@@ -655,7 +655,7 @@ async def test_tunnel_closes_the_outbound_side_when_the_client_leaves_first(
 async def test_tunnel_drops_a_client_that_never_starts_its_handshake(
     cert_files: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_tunnel, "SETUP_TIMEOUT", 0.5)
+    monkeypatch.setattr(tunnel, "SETUP_TIMEOUT", 0.5)
     net = Network(cert_files)
     try:
         services = Ends(tls=False)

@@ -19,7 +19,7 @@ import pytest
 import twisted
 import twisted_rekey
 from twisted_rekey import capabilities
-from twisted_rekey._probe import parse_target
+from twisted_rekey.apps.probe import parse_target
 
 # Every run is bounded: a hung CLI fails the test instead of the suite.
 _RUN_TIMEOUT = 30
@@ -84,7 +84,7 @@ def test_info_json() -> None:
 
 def test_info_json_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     """``main()`` is the console script's entry point; it returns the code."""
-    from twisted_rekey.__main__ import main
+    from twisted_rekey.apps.cli import main
 
     code = main(["info", "--json"])
     assert code == (0 if capabilities().key_update else 4)
@@ -250,7 +250,7 @@ def test_internal_error_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A bug inside the probe still ends in one line and exit code 5."""
-    from twisted_rekey import __main__ as cli
+    from twisted_rekey.apps import cli
 
     def broken(options: object) -> None:
         raise RuntimeError("simulated bug")

@@ -492,3 +492,58 @@ def test_info_callback_errors_surface_after_openssl_returns() -> None:
     pair.client.sendall(b"more")
     pair.pump()
     assert pair.take("server") == b"more"
+
+
+def _handshake(client: SSL.Connection, server: SSL.Connection) -> None:
+    for _ in range(20):
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+        moved = False
+        for src, dst in ((client, server), (server, client)):
+            try:
+                data = src.bio_read(1 << 20)
+            except SSL.WantReadError:
+                data = b""
+            if data:
+                dst.bio_write(data)
+                moved = True
+        if not moved:
+            return
+    raise AssertionError("the handshake did not settle in 20 rounds")
+
+
+def test_set_max_proto_version_caps_one_connection() -> None:
+    # Both Contexts allow TLS 1.3; only the capped client connection stops
+    # at 1.2, and another connection of the same Context does not.
+    client_ctx = client_context(TLS13)
+    client_ctx.set_min_proto_version(TLS12)
+    server_ctx = server_context(TLS13)
+    server_ctx.set_min_proto_version(TLS12)
+    negotiated = []
+    for cap in (TLS12, None):
+        server = SSL.Connection(server_ctx, None)
+        server.set_accept_state()
+        client = SSL.Connection(client_ctx, None)
+        client.set_connect_state()
+        if cap is not None:
+            twisted_rekey.set_max_proto_version(client, cap)
+        _handshake(client, server)
+        negotiated.append(client.get_protocol_version_name())
+    assert negotiated == ["TLSv1.2", "TLSv1.3"]
+
+
+def test_set_max_proto_version_refuses_what_openssl_refuses() -> None:
+    conn = SSL.Connection(client_context(TLS13), None)
+    with pytest.raises(twisted_rekey.OpenSSLCallError):
+        twisted_rekey.set_max_proto_version(conn, 0x7777)
+    with pytest.raises(twisted_rekey.NotAConnection):
+        twisted_rekey.set_max_proto_version(object(), TLS12)  # type: ignore[arg-type]
+
+
+def test_verify_cert_error_string() -> None:
+    # X509_V_ERR_CERT_HAS_EXPIRED is 10 in every OpenSSL since 0.9.
+    assert twisted_rekey.verify_cert_error_string(10) == "certificate has expired"
+    assert twisted_rekey.verify_cert_error_string(0) == "ok"

@@ -142,46 +142,35 @@ LAYERS = {
     "_rotation": 6,
     "_alpn": 7,
     "_metrics": 7,
-    # the applications: twistd plugins, the probe, the command line
-    "_certs": 7,
-    "_probe": 8,
-    "_tap": 8,
-    "_echo": 9,
-    "_tunnel": 10,
-    "__main__": 10,
     # the public API imports the pyOpenSSL layer only, the rest on first use
     "__init__": 4,
+    # ``python -m twisted_rekey``: the one library module that names the
+    # applications (twisted_rekey.apps.cli)
+    "__main__": 8,
 }
 
-APPS = frozenset({"_certs", "_probe", "_tap", "_echo", "_tunnel", "__main__"})
+#: The applications (``twisted_rekey/apps/``: the twistd plugins, the probe,
+#: the command line) and their layers among themselves.  They use the
+#: library's public API only, as any application would; the two plugins
+#: share ``_common`` and not each other.
+APPS = {
+    "__init__": 0,
+    "_certs": 0,
+    "probe": 0,
+    "_common": 1,
+    "cli": 1,
+    "echo": 2,
+    "tunnel": 2,
+}
 
-#: What the applications still take from the library's private modules
-#: rather than its public API (``twisted_rekey`` and
-#: ``twisted_rekey.exceptions``): each entry is a debt, and a new reach into
-#: a private module fails the test.
-APP_PRIVATE_REACH = frozenset(
-    {
-        ("_echo", "_metrics"),
-        ("_echo", "_policy"),
-        ("_echo", "_protocol"),
-        ("_probe", "_binding"),
-        ("_probe", "_connection"),
-        ("_probe", "_policy"),
-        ("_tap", "_alpn"),
-        ("_tap", "_binding"),
-        ("_tap", "_policy"),
-        ("_tunnel", "_connection"),
-        ("_tunnel", "_metrics"),
-        ("_tunnel", "_policy"),
-        ("_tunnel", "_protocol"),
-        ("__main__", "_binding"),
-    }
-)
+#: What the applications may import from the library.
+APP_PUBLIC_MODULES = frozenset({"twisted_rekey", "twisted_rekey.exceptions"})
 
 TWISTED_FREE = frozenset(
     {"exceptions", "_elf", "_policy", "_wheel", "_binding", "_infocallback"}
-    | {"_connection", "_certs", "_probe"}
+    | {"_connection"}
 )
+TWISTED_FREE_APPS = frozenset({"_certs", "probe"})
 OPENSSL_FREE = frozenset(
     {"exceptions", "_elf", "_policy", "_wheel", "_interfaces", "_scheduler"}
     | {"_twistedtls"}
@@ -238,7 +227,43 @@ def _top(imports: set[str]) -> set[str]:
 
 
 def _byModule() -> dict[str, ast.Module]:
-    return {name.removesuffix(".py"): tree for name, tree in _modules().items()}
+    """The library's modules (not the applications'), by name."""
+    return {
+        name.removesuffix(".py"): tree
+        for name, tree in _modules().items()
+        if not name.startswith("apps/")
+    }
+
+
+def _appModules() -> dict[str, ast.Module]:
+    """The applications' modules, by name within ``twisted_rekey.apps``."""
+    return {
+        name.removeprefix("apps/").removesuffix(".py"): tree
+        for name, tree in _modules().items()
+        if name.startswith("apps/")
+    }
+
+
+def _absoluteImports(
+    tree: ast.Module, package: str
+) -> set[tuple[str, tuple[str, ...]]]:
+    """
+    Every import of *tree* (at run time or not), as ``(module, names)`` with
+    relative imports resolved against *package*: ``import a.b`` is
+    ``("a.b", ())``, ``from a import b, c`` is ``("a", ("b", "c"))``.
+    """
+    found: set[tuple[str, tuple[str, ...]]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update((alias.name, ()) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            found.add((module, tuple(alias.name for alias in node.names)))
+    return found
 
 
 def test_every_module_has_a_layer() -> None:
@@ -282,7 +307,7 @@ def test_binding_is_the_only_door_to_cffi_and_elf() -> None:
     # cryptography's raw bindings, ctypes and the ELF reader: _binding
     # verifies every address before anyone calls through it.
     doors = {}
-    for name, tree in _byModule().items():
+    for name, tree in {**_byModule(), **_appModules()}.items():
         imports = _imports(tree, atRunTime=False)
         reached = {
             i
@@ -300,30 +325,77 @@ def test_binding_is_the_only_door_to_cffi_and_elf() -> None:
 def test_no_module_imports_the_reactor_when_imported() -> None:
     importing = [
         name
-        for name, tree in _byModule().items()
+        for name, tree in {**_byModule(), **_appModules()}.items()
         if "twisted.internet.reactor" in _imports(tree)
     ]
     assert importing == []
 
 
-def test_apps_reach_only_what_is_listed() -> None:
+def test_apps_use_only_the_public_api() -> None:
+    # twisted_rekey and twisted_rekey.exceptions, and of twisted_rekey
+    # only the names it lists in __all__; nothing private of the library.
+    import twisted_rekey
+
     reach = set()
-    for name, tree in _byModule().items():
-        if name not in APPS:
-            continue
-        for imported in _own(_imports(tree, atRunTime=False)):
-            if imported not in APPS | {"exceptions"}:
-                reach.add((name, imported))
-    assert reach == APP_PRIVATE_REACH
+    for name, tree in _appModules().items():
+        package = "twisted_rekey.apps"
+        for module, names in _absoluteImports(tree, package):
+            if module.startswith("twisted_rekey.apps") or not (
+                module == "twisted_rekey" or module.startswith("twisted_rekey.")
+            ):
+                continue
+            if module not in APP_PUBLIC_MODULES:
+                reach.add((name, module))
+            elif module == "twisted_rekey":
+                reach.update(
+                    (name, f"twisted_rekey.{n}")
+                    for n in names
+                    if n not in twisted_rekey.__all__ and n != "__file__"
+                )
+    assert reach == set()
+
+
+def test_every_app_module_has_a_layer() -> None:
+    assert set(_appModules()) == set(APPS)
+
+
+def test_app_imports_run_one_way() -> None:
+    # Among the applications: the plugins share _common, neither imports
+    # the other.
+    upward = []
+    for name, tree in _appModules().items():
+        for module, names in _absoluteImports(tree, "twisted_rekey.apps"):
+            if module == "twisted_rekey.apps":
+                imported = set(names)
+            elif module.startswith("twisted_rekey.apps."):
+                imported = {module.removeprefix("twisted_rekey.apps.").split(".")[0]}
+            else:
+                continue
+            upward.extend(
+                (name, other) for other in imported if APPS[other] >= APPS[name]
+            )
+    assert upward == []
+
+
+def test_twisted_free_apps() -> None:
+    # The probe runs over plain sockets, and the command line imports no
+    # reactor for it.
+    trees = _appModules()
+    assert {
+        name: "twisted"
+        for name in TWISTED_FREE_APPS
+        if "twisted" in _top(_imports(trees[name], atRunTime=False))
+    } == {}
 
 
 def test_library_does_not_import_the_apps() -> None:
-    reach = [
-        (name, imported)
-        for name, tree in _byModule().items()
-        if name not in APPS
-        for imported in _own(_imports(tree, atRunTime=False))
-        if imported in APPS
-    ]
-    # _metrics's twistd options share the plugins' endpoint parsing.
-    assert reach == [("_metrics", "_tap")]
+    reach = set()
+    for name, tree in _byModule().items():
+        for module, names in _absoluteImports(tree, "twisted_rekey"):
+            for full in (module, *(f"{module}.{n}" for n in names)):
+                if full == "twisted_rekey.apps" or full.startswith(
+                    "twisted_rekey.apps."
+                ):
+                    reach.add((name, module))
+    # python -m twisted_rekey runs the command line.
+    assert reach == {("__main__", "twisted_rekey.apps.cli")}

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,8 @@ def test_sdist_ships_what_its_tests_need(tmp_path: Path) -> None:
         "pyproject.toml",
         "twisted/plugins/twisted_rekey_plugins.py",
         "twisted_rekey/py.typed",
+        "twisted_rekey/apps/echo.py",
+        "twisted_rekey/apps/tunnel.py",
     ):
         assert wanted in names
     leftovers = [
@@ -306,3 +309,25 @@ def test_sdist_ships_what_its_tests_need(tmp_path: Path) -> None:
         or name.startswith(("build/", "docs/_build/"))
     ]
     assert leftovers == []
+
+
+def test_wheel_ships_the_package_its_apps_and_the_plugins(tmp_path: Path) -> None:
+    """
+    The wheel holds every module of the package, the applications'
+    subpackage included, and the twistd plugin file that names them.
+    """
+    modules = _tracked("twisted_rekey")
+    if not modules:
+        pytest.skip("not a git checkout")
+    done = _run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), "."],
+        ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (wheel,) = tmp_path.glob("twisted_rekey-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    wanted = {name for name in modules if name.endswith((".py", "py.typed"))}
+    wanted.add("twisted/plugins/twisted_rekey_plugins.py")
+    assert sorted(wanted - names) == []
+    assert "twisted_rekey/apps/echo.py" in names

@@ -531,7 +531,7 @@ def test_tunnel_bad_input(
 
 
 def test_default_endpoint_is_loopback_8443(tmp_path: Path) -> None:
-    from twisted_rekey._echo import Options
+    from twisted_rekey.apps.echo import Options
 
     options = Options()
     options.check(["--state-dir", str(tmp_path)])
@@ -545,7 +545,7 @@ def test_default_endpoint_is_loopback_8443(tmp_path: Path) -> None:
 def test_options_raise_usage_error_in_process(tmp_path: Path) -> None:
     from twisted.python import usage
 
-    from twisted_rekey._echo import Options
+    from twisted_rekey.apps.echo import Options
 
     with pytest.raises(usage.UsageError, match="more than 0 seconds"):
         Options().check(["--state-dir", str(tmp_path), "--interval", "0"])
@@ -554,7 +554,7 @@ def test_options_raise_usage_error_in_process(tmp_path: Path) -> None:
 def test_endpoint_keys_taken_from_ssl_string(
     tmp_path: Path, mismatched: dict[str, Path]
 ) -> None:
-    from twisted_rekey._echo import Options
+    from twisted_rekey.apps.echo import Options
 
     options = Options()
     cert = str(mismatched["cert"]).replace(":", "\\:")
@@ -567,7 +567,7 @@ def test_endpoint_keys_taken_from_ssl_string(
 
 
 def test_default_certificate_reused_and_renewed(tmp_path: Path) -> None:
-    from twisted_rekey._certs import ensure_default_certificate
+    from twisted_rekey.apps._certs import ensure_default_certificate
 
     first = ensure_default_certificate(tmp_path)
     assert first.created

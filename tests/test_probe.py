@@ -38,7 +38,7 @@ from peers import (
 )
 
 from twisted_rekey import MIN_INTERVAL_LOWEST, RekeyConnection, capabilities
-from twisted_rekey._probe import (
+from twisted_rekey.apps.probe import (
     FINDINGS,
     LIMITS_MAX,
     RENEGOTIATIONS_MAX,

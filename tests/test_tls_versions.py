@@ -14,11 +14,11 @@ from twisted.internet import protocol, task
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
-from twisted_rekey import _tunnel
+from twisted_rekey.apps import tunnel
 
 
-def _options(cert_files: CertFiles, *extra: str) -> _tunnel.Options:
-    options = _tunnel.Options()
+def _options(cert_files: CertFiles, *extra: str) -> tunnel.Options:
+    options = tunnel.Options()
     options.check(
         [
             "--listen",
@@ -57,7 +57,7 @@ def _negotiate(client_creator: Any, server_options: Any) -> str | None:
 
 def _server(cert_files: CertFiles, *extra: str) -> Any:
     # The tunnel's own server side, on the test certificate.
-    options = _tunnel.Options()
+    options = tunnel.Options()
     options.check(
         [
             "--listen",

@@ -198,7 +198,7 @@ def echoes(port: int, context: ssl.SSLContext, data: bytes) -> bool:
 
 
 def check(*args: str) -> Any:
-    from twisted_rekey._tunnel import Options
+    from twisted_rekey.apps.tunnel import Options
 
     options = Options()
     options.check(list(args))
@@ -832,7 +832,7 @@ def test_watch_files_reloads_on_change(tmp_path: Path) -> None:
     return) calls the reload, once per change; no change, no reload."""
     from twisted.internet import task
 
-    from twisted_rekey._tunnel import WatchFiles
+    from twisted_rekey.apps.tunnel import WatchFiles
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("one")
@@ -862,7 +862,7 @@ def test_watch_files_reloads_on_change(tmp_path: Path) -> None:
 
 
 def test_echo_takes_tls_endpoint_strings(tmp_path: Path) -> None:
-    from twisted_rekey._echo import Options
+    from twisted_rekey.apps.echo import Options
 
     options = Options()
     options.check(
@@ -880,7 +880,7 @@ def test_reload_of_the_connect_side(tmp_path: Path, pki: dict[str, Path]) -> Non
     """
     from twisted.logger import globalLogPublisher
 
-    from twisted_rekey._tunnel import CertificateReloader, RelayFactory
+    from twisted_rekey.apps.tunnel import CertificateReloader, RelayFactory
 
     cert = tmp_path / "client.pem"
     cert.write_bytes(pki["alice"].read_bytes())
@@ -953,7 +953,7 @@ def test_reload_does_not_rotate_keys_that_just_changed() -> None:
     from twisted.internet.defer import succeed
 
     from twisted_rekey import RotationPolicy
-    from twisted_rekey._tunnel import CertificateReloader, RelayFactory
+    from twisted_rekey.apps.tunnel import CertificateReloader, RelayFactory
 
     class Side:
         def __init__(self, **attributes: Any) -> None:

@@ -114,7 +114,8 @@ def test_upstream_filters_hide_nothing_else(message: str, module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["twisted_rekey", "twisted_rekey._connection", "twisted_rekey._tap"]
+    "module",
+    ["twisted_rekey", "twisted_rekey._connection", "twisted_rekey.apps._common"],
 )
 def test_a_warning_from_the_library_fails(module: str) -> None:
     with pytest.raises(UserWarning, match="from the library"):

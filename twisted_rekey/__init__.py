@@ -13,7 +13,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from ._binding import Capabilities, Resolution, capabilities
+from ._binding import (
+    Capabilities,
+    Resolution,
+    capabilities,
+    verify_cert_error_string,
+)
 from ._connection import (
     OP_ALLOW_CLIENT_RENEGOTIATION,
     OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION,
@@ -31,6 +36,7 @@ from ._connection import (
     renegotiate_abbreviated,
     renegotiate_pending,
     secure_renegotiation_support,
+    set_max_proto_version,
     total_renegotiations,
 )
 from ._policy import (
@@ -174,5 +180,7 @@ __all__ = [
     "renegotiate_abbreviated",
     "renegotiate_pending",
     "secure_renegotiation_support",
+    "set_max_proto_version",
     "total_renegotiations",
+    "verify_cert_error_string",
 ]

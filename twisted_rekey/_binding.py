@@ -60,6 +60,7 @@ __all__ = [
     "function",
     "lib",
     "need",
+    "verify_cert_error_string",
 ]
 
 from cryptography import __version__ as _cryptography_version
@@ -460,6 +461,18 @@ def need(name: str) -> Any:
 def openssl_version() -> str:
     """The version string of the OpenSSL that cryptography uses."""
     return str(ffi.string(lib.OpenSSL_version(lib.OPENSSL_VERSION)).decode("ascii"))
+
+
+def verify_cert_error_string(code: int) -> str:
+    """
+    OpenSSL's text for a certificate verification error *code*, such as the
+    ``errnum`` a pyOpenSSL verify callback receives
+    (``X509_verify_cert_error_string``).
+
+    .. versionadded:: 0.2.0
+    """
+    text = ffi.string(lib.X509_verify_cert_error_string(code))
+    return str(text.decode("ascii", "replace"))
 
 
 def capabilities() -> Capabilities:

@@ -61,6 +61,7 @@ __all__ = [
     "renegotiate_abbreviated",
     "renegotiate_pending",
     "secure_renegotiation_support",
+    "set_max_proto_version",
     "total_renegotiations",
 ]
 
@@ -74,6 +75,7 @@ OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION = 0x00010000
 
 _TLS1_3_VERSION = 0x0304
 _SSL_CTRL_GET_RI_SUPPORT = 76
+_SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 
 # OpenSSL's reason codes (stable since 1.1.1) for the failures we name.
 _R_INVALID_KEY_UPDATE_TYPE = 120
@@ -324,6 +326,27 @@ def secure_renegotiation_support(conn: SSL.Connection) -> bool:
     """
     ssl = _ssl(conn)
     return bool(_need("SSL_ctrl")(ssl, _SSL_CTRL_GET_RI_SUPPORT, 0, ffi.NULL))
+
+
+def set_max_proto_version(conn: SSL.Connection, version: int) -> None:
+    """
+    Cap the newest protocol version *conn* may negotiate, as
+    ``SSL_set_max_proto_version`` does (pyOpenSSL has it for a whole
+    ``Context`` only).  Call before the handshake; for a connection made by
+    a Context that others share (a Twisted client connection creator's).
+
+    :param version: an OpenSSL version constant, such as
+        ``OpenSSL.SSL.TLS1_2_VERSION``; ``0`` lifts the cap.
+    :raises FunctionUnavailable: if ``SSL_ctrl`` cannot be reached.
+    :raises NotAConnection: if *conn* is not a pyOpenSSL connection.
+    :raises OpenSSLCallError: if OpenSSL refuses *version*.
+
+    .. versionadded:: 0.2.0
+    """
+    ssl = _ssl(conn)
+    ctrl = _need("SSL_ctrl")
+    if ctrl(ssl, _SSL_CTRL_SET_MAX_PROTO_VERSION, version, ffi.NULL) != 1:
+        raise _call_failed("SSL_set_max_proto_version", conn)
 
 
 def _renegotiate(conn: SSL.Connection, name: str) -> None:

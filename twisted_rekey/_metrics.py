@@ -1,6 +1,6 @@
 """
-Prometheus metrics of key rotation, for the twistd plugins (``--metrics``)
-and for any application's own protocols.
+Prometheus metrics of key rotation, for any application's own protocols
+(the twistd plugins' ``--metrics`` among them).
 
 :class:`RekeyMetrics` is a ``prometheus_client`` collector built on the
 library's public surface only: each tracked connection's
@@ -20,19 +20,15 @@ import weakref
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, Optional, cast
+from typing import Any
 
-from twisted.application import service
 from twisted.internet.protocol import connectionDone
 from twisted.logger import globalLogPublisher
-from twisted.python import usage
 from twisted.python.failure import Failure
 
 __all__ = [
     "DEFAULT_BUCKETS",
-    "MetricsOptionsMixin",
     "RekeyMetrics",
-    "metricsService",
 ]
 
 #: Upper bounds (seconds) of the "time since the last rotation" buckets.
@@ -286,89 +282,3 @@ class RekeyMetrics:
 
 def _bound(value: float) -> str:
     return repr(float(value))
-
-
-# -- the plugins' --metrics ------------------------------------------------------
-
-
-class MetricsOptionsMixin(usage.Options):
-    """``--metrics ENDPOINT``: serve Prometheus metrics over HTTP there."""
-
-    optParameters: list[Any] = [
-        [
-            "metrics",
-            None,
-            None,
-            "Serve Prometheus metrics (plain HTTP, /metrics) on this server "
-            "endpoint string, such as tcp:9464:interface=127.0.0.1; needs "
-            "prometheus_client (the 'metrics' extra).",
-        ],
-    ]
-
-    def checkMetrics(self) -> None:
-        """Check ``--metrics``; call from ``postOptions``."""
-        from ._tap import parseEndpoint
-
-        self["metricsSpec"] = None
-        if self["metrics"] is None:
-            return
-        spec = parseEndpoint("--metrics", self["metrics"], server=True)
-        if spec.tls:
-            raise usage.UsageError(
-                f"--metrics {spec.description}: metrics are served over plain "
-                "HTTP: give a tcp: (or unix:) endpoint, on loopback or behind "
-                "a firewall"
-            )
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
-            raise usage.UsageError(
-                "--metrics needs prometheus_client: pip install "
-                "'twisted_rekey[metrics]'"
-            ) from None
-        self["metricsSpec"] = spec
-
-    def makeMetrics(self) -> Optional[RekeyMetrics]:
-        """A collector observing the log, if ``--metrics`` was given."""
-        if self["metricsSpec"] is None:
-            return None
-        metrics = RekeyMetrics()
-        metrics.startObserving()
-        return metrics
-
-
-def metricsService(command: str, spec: Any, metrics: RekeyMetrics) -> service.IService:
-    """A service serving *metrics* at ``/metrics`` on *spec*'s endpoint."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.twisted import MetricsResource
-    from twisted.internet import endpoints, reactor
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
-
-    from ._tap import ListeningService
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics)  # type: ignore[arg-type]
-    # Any: twisted.web is not typed.
-    root: Any = Resource
-    root = root()
-    makeResource: Any = MetricsResource
-    root.putChild(b"metrics", makeResource(registry=registry))
-    makeSite: Any = Site
-    site = makeSite(root)
-    site.noisy = False
-
-    def noAccessLog(request: Any) -> None:
-        # Not a line in the twistd log for every scrape (every 15 s, say).
-        return None
-
-    site.log = noAccessLog
-    parse: Any = endpoints.serverFromString
-    listening: Any = ListeningService(
-        command,
-        spec.description,
-        parse(reactor, spec.plain),
-        site,
-        "Prometheus metrics",
-    )
-    return cast(service.IService, listening)

@@ -31,7 +31,9 @@ from twisted_rekey import (
     renegotiate_abbreviated,
     renegotiate_pending,
     secure_renegotiation_support,
+    set_max_proto_version,
     total_renegotiations,
+    verify_cert_error_string,
 )
 
 
@@ -44,6 +46,8 @@ def pyopenssl_layer(conn: SSL.Connection) -> None:
     assert_type(renegotiate_pending(conn), bool)
     assert_type(total_renegotiations(conn), int)
     assert_type(secure_renegotiation_support(conn), bool)
+    assert_type(set_max_proto_version(conn, SSL.TLS1_2_VERSION), None)
+    assert_type(verify_cert_error_string(10), str)
     assert_type(rekey(conn), RekeyMethod)
     assert_type(protocol_version(conn), str)
     assert_type(capabilities(), Capabilities)

@@ -13,7 +13,7 @@ from twisted.application.service import ServiceMaker
 
 rekeyEcho = ServiceMaker(
     "twisted_rekey echo server",
-    "twisted_rekey._echo",
+    "twisted_rekey.apps.echo",
     "A TLS echo server that rotates its keys by policy (TLS 1.3 KeyUpdate, "
     "TLS 1.2 renegotiation), logging each rotation.",
     "rekey-echo",
@@ -21,7 +21,7 @@ rekeyEcho = ServiceMaker(
 
 rekeyTunnel = ServiceMaker(
     "twisted_rekey tunnel",
-    "twisted_rekey._tunnel",
+    "twisted_rekey.apps.tunnel",
     "A TLS tunnel whose keys rotate by policy, in front of a plain TCP "
     "service (--listen ssl:... --connect tcp:...) or towards a TLS one "
     "(--listen tcp:... --connect tls:...); mutual TLS, certificates "

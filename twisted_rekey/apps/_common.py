@@ -1,7 +1,10 @@
 """
 What the ``rekey-echo`` and ``rekey-tunnel`` twistd plugins share: the
 rotation and TLS options, the reading of certificates and endpoint strings,
-and a listening service that fails with one clear line.
+the one-line descriptions of peers and connections for the log, the
+``--metrics`` option, and a listening service that fails with one clear
+line.  Like every module of :mod:`twisted_rekey.apps`, it uses only the
+library's public API.
 
 Everything a user can get wrong is checked in ``postOptions``, before
 twistd starts anything, and reported as one line naming the option at fault.
@@ -28,38 +31,54 @@ from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import error
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IAddress,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from . import _binding
-from ._alpn import allowALPNWithoutProtocols
-from ._binding import ffi, lib
+from twisted_rekey import (
+    RekeyMetrics,
+    RekeyProtocolMixin,
+    RotationPolicy,
+    allowALPNWithoutProtocols,
+    capabilities,
+    set_max_proto_version,
+    verify_cert_error_string,
+)
+
 from ._certs import DefaultCertificate, ensure_default_certificate, fingerprint
-from ._policy import RotationPolicy
 
 __all__ = [
     "AllowList",
     "CommandLineOptions",
     "EndpointSpec",
     "ListeningService",
+    "MetricsOptionsMixin",
     "ReloadableServerTLS",
     "RotationOptionsMixin",
     "ServerCertificateMixin",
     "TLSVersionMixin",
+    "checkCertificate",
     "clientRefusal",
+    "describePeer",
+    "describePolicy",
+    "describeReason",
+    "describeStats",
+    "describeTLS",
     "loadCertificateAuthorities",
+    "metricsService",
     "parseEndpoint",
     "requireClientCertificates",
 ]
 
 _log = Logger()
-_string = ffi.string
 
 DEFAULT_INTERVAL = 5.0
 DEFAULT_MIN_INTERVAL = 1.0
@@ -283,6 +302,52 @@ def describePolicy(policy: Optional[RotationPolicy]) -> str:
     )
 
 
+def describePeer(address: IAddress) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describeStats(protocol: RekeyProtocolMixin) -> str:
+    stats = protocol.rekeyStats
+    return (
+        f"KeyUpdates sent {stats.keyUpdatesSent} "
+        f"(requested {stats.keyUpdatesRequested}), "
+        f"received {stats.keyUpdatesReceived}; "
+        f"renegotiations {stats.renegotiations}; "
+        f"bytes received {stats.bytesReceived}, sent {stats.bytesSent}"
+    )
+
+
+def describeReason(reason: Failure) -> str:
+    """
+    Why a connection ended, in one line: a clean close, the TLS alert or
+    failure OpenSSL reported (``tlsv1 alert internal error``), or the error.
+    """
+    if reason.check(ConnectionDone):  # type: ignore[no-untyped-call]
+        return "closed cleanly"
+    value = reason.value
+    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
+        # [(library, function, reason), ...]: the reasons say what happened.
+        reasons = [str(e[-1]) for e in value.args[0] if isinstance(e, tuple) and e]
+        if reasons:
+            return "TLS failure: " + "; ".join(reasons)
+    message = reason.getErrorMessage()
+    return f"{type(value).__name__}: {message}" if message else type(value).__name__
+
+
+def describeTLS(transport: Any) -> str:
+    getHandle = getattr(transport, "getHandle", None)
+    conn = getHandle() if getHandle is not None else None
+    version = getattr(conn, "get_protocol_version_name", None)
+    cipher = getattr(conn, "get_cipher_name", None)
+    if version is None or cipher is None:
+        return "TLS"
+    return f"{version()} {cipher()}"
+
+
 # -- options ---------------------------------------------------------------------
 
 
@@ -424,31 +489,26 @@ class TLSVersionMixin(usage.Options):
         highest = _PROTOCOLS[str(self["tls-max"]).strip()]
         if highest == SSL.TLS1_3_VERSION:
             return creator  # the newest is what OpenSSL offers anyway
-        resolution, ctrl = _binding.function("SSL_ctrl")
-        if ctrl is None:
+        ctrl = {r.name: r for r in capabilities().functions}["SSL_ctrl"]
+        if not ctrl.available:
             raise usage.UsageError(
                 f"--tls-max {self['tls-max']} on a TLS client side is not "
-                f"possible here: {resolution.reason}"
+                f"possible here: {ctrl.reason}"
             )
-        return _CappedClientCreator(creator, ctrl, highest)
+        return _CappedClientCreator(creator, highest)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _CappedClientCreator:
     """Caps the newest TLS version of every connection another creator makes."""
 
-    _SET_MAX_PROTO_VERSION = 124  # SSL_CTRL_SET_MAX_PROTO_VERSION
-
-    def __init__(self, inner: Any, ctrl: Any, highest: int) -> None:
+    def __init__(self, inner: Any, highest: int) -> None:
         self._inner = inner
-        self._ctrl = ctrl
         self._highest = highest
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn: SSL.Connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        ssl = conn._ssl  # type: ignore[attr-defined]
-        if self._ctrl(ssl, self._SET_MAX_PROTO_VERSION, self._highest, ffi.NULL) != 1:
-            raise SSL.Error("could not cap the TLS version of a client connection")
+        set_max_proto_version(conn, self._highest)
         return conn
 
 
@@ -562,16 +622,22 @@ class ServerCertificateMixin(usage.Options):
             raise usage.UsageError(f"{keyOption} needs --cert too")
         elif key is None:
             key, keyOption = cert, certOption
-        return _checkCertificate(certOption, str(cert), keyOption, str(key), default)
+        return checkCertificate(certOption, str(cert), keyOption, str(key), default)
 
 
-def _checkCertificate(
+def checkCertificate(
     certOption: str,
     certPath: str,
     keyOption: str,
     keyPath: str,
     default: Optional[DefaultCertificate],
 ) -> ServerCertificate:
+    """
+    Read the certificate chain and key named by the options, and check that
+    they belong together, as OpenSSL does before serving.
+
+    :raises usage.UsageError: one line naming the option at fault.
+    """
     certData = _readable(certOption, certPath).read_bytes()
     keyData = _readable(keyOption, keyPath).read_bytes()
     try:
@@ -709,10 +775,10 @@ def requireClientCertificates(
         # handshake as if it were the peer's fault).
         try:
             if not ok:
-                reason = _string(lib.X509_verify_cert_error_string(errnum))
+                reason = verify_cert_error_string(errnum)
                 conn.rekeyRefusal = (  # type: ignore[attr-defined]
                     f"certificate verification failed at depth {depth}: "
-                    f"{reason.decode('ascii', 'replace')} "
+                    f"{reason} "
                     f"({cert.to_cryptography().subject.rfc4514_string()})"
                 )
                 return False
@@ -898,3 +964,85 @@ def installOneLineErrors(command: str) -> None:
         previous(kind, value, tb)
 
     sys.excepthook = hook
+
+
+# -- the plugins' --metrics ------------------------------------------------------
+
+
+class MetricsOptionsMixin(usage.Options):
+    """``--metrics ENDPOINT``: serve Prometheus metrics over HTTP there."""
+
+    optParameters: list[Any] = [
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (plain HTTP, /metrics) on this server "
+            "endpoint string, such as tcp:9464:interface=127.0.0.1; needs "
+            "prometheus_client (the 'metrics' extra).",
+        ],
+    ]
+
+    def checkMetrics(self) -> None:
+        """Check ``--metrics``; call from ``postOptions``."""
+        self["metricsSpec"] = None
+        if self["metrics"] is None:
+            return
+        spec = parseEndpoint("--metrics", self["metrics"], server=True)
+        if spec.tls:
+            raise usage.UsageError(
+                f"--metrics {spec.description}: metrics are served over plain "
+                "HTTP: give a tcp: (or unix:) endpoint, on loopback or behind "
+                "a firewall"
+            )
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise usage.UsageError(
+                "--metrics needs prometheus_client: pip install "
+                "'twisted_rekey[metrics]'"
+            ) from None
+        self["metricsSpec"] = spec
+
+    def makeMetrics(self) -> Optional[RekeyMetrics]:
+        """A collector observing the log, if ``--metrics`` was given."""
+        if self["metricsSpec"] is None:
+            return None
+        metrics = RekeyMetrics()
+        metrics.startObserving()
+        return metrics
+
+
+def metricsService(command: str, spec: Any, metrics: RekeyMetrics) -> service.IService:
+    """A service serving *metrics* at ``/metrics`` on *spec*'s endpoint."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.twisted import MetricsResource
+    from twisted.internet import endpoints, reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)  # type: ignore[arg-type]
+    # Any: twisted.web is not typed.
+    root: Any = Resource
+    root = root()
+    makeResource: Any = MetricsResource
+    root.putChild(b"metrics", makeResource(registry=registry))
+    makeSite: Any = Site
+    site = makeSite(root)
+    site.noisy = False
+
+    def noAccessLog(request: Any) -> None:
+        # Not a line in the twistd log for every scrape (every 15 s, say).
+        return None
+
+    site.log = noAccessLog
+    parse: Any = endpoints.serverFromString
+    listening: Any = ListeningService(
+        command,
+        spec.description,
+        parse(reactor, spec.plain),
+        site,
+        "Prometheus metrics",
+    )
+    return cast(service.IService, listening)

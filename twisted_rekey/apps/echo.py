@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, cast
 
-from OpenSSL import SSL
 from twisted.application import service
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -27,18 +25,23 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ._metrics import MetricsOptionsMixin, metricsService
-from ._policy import RotationPolicy
-from ._protocol import RekeyProtocolMixin
-from ._tap import (
+from twisted_rekey import RekeyProtocolMixin, RotationPolicy
+
+from ._common import (
     CommandLineOptions,
     ListeningService,
+    MetricsOptionsMixin,
     RotationOptionsMixin,
     ServerCertificate,
     ServerCertificateMixin,
     TLSVersionMixin,
+    describePeer,
     describePolicy,
+    describeReason,
+    describeStats,
+    describeTLS,
     installOneLineErrors,
+    metricsService,
     parseEndpoint,
     parseSeconds,
 )
@@ -56,52 +59,6 @@ _log = Logger()
 
 COMMAND = "rekey-echo"
 DEFAULT_ENDPOINT = "ssl:8443:interface=127.0.0.1"
-
-
-def describePeer(address: IAddress) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def describeStats(protocol: RekeyProtocolMixin) -> str:
-    stats = protocol.rekeyStats
-    return (
-        f"KeyUpdates sent {stats.keyUpdatesSent} "
-        f"(requested {stats.keyUpdatesRequested}), "
-        f"received {stats.keyUpdatesReceived}; "
-        f"renegotiations {stats.renegotiations}; "
-        f"bytes received {stats.bytesReceived}, sent {stats.bytesSent}"
-    )
-
-
-def describeReason(reason: Failure) -> str:
-    """
-    Why a connection ended, in one line: a clean close, the TLS alert or
-    failure OpenSSL reported (``tlsv1 alert internal error``), or the error.
-    """
-    if reason.check(ConnectionDone):  # type: ignore[no-untyped-call]
-        return "closed cleanly"
-    value = reason.value
-    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
-        # [(library, function, reason), ...]: the reasons say what happened.
-        reasons = [str(e[-1]) for e in value.args[0] if isinstance(e, tuple) and e]
-        if reasons:
-            return "TLS failure: " + "; ".join(reasons)
-    message = reason.getErrorMessage()
-    return f"{type(value).__name__}: {message}" if message else type(value).__name__
-
-
-def describeTLS(transport: Any) -> str:
-    getHandle = getattr(transport, "getHandle", None)
-    conn = getHandle() if getHandle is not None else None
-    version = getattr(conn, "get_protocol_version_name", None)
-    cipher = getattr(conn, "get_cipher_name", None)
-    if version is None or cipher is None:
-        return "TLS"
-    return f"{version()} {cipher()}"
 
 
 class EchoProtocol(RekeyProtocolMixin, Protocol):

@@ -49,27 +49,35 @@ from zope.interface import (  # type: ignore[import-untyped]
     implementer,
 )
 
-from ._connection import protocol_version
-from ._echo import describePeer, describeReason, describeStats, describeTLS
-from ._metrics import MetricsOptionsMixin, RekeyMetrics, metricsService
-from ._policy import RotationPolicy
-from ._protocol import RekeyProtocolMixin
-from ._tap import (
+from twisted_rekey import (
+    RekeyMetrics,
+    RekeyProtocolMixin,
+    RotationPolicy,
+    protocol_version,
+)
+
+from ._common import (
     DEFAULT_MIN_INTERVAL,
     AllowList,
     CommandLineOptions,
     EndpointSpec,
     ListeningService,
+    MetricsOptionsMixin,
     ReloadableServerTLS,
     RotationOptionsMixin,
     ServerCertificate,
     ServerCertificateMixin,
     TLSVersionMixin,
-    _checkCertificate,
+    checkCertificate,
     clientRefusal,
+    describePeer,
     describePolicy,
+    describeReason,
+    describeStats,
+    describeTLS,
     installOneLineErrors,
     loadCertificateAuthorities,
+    metricsService,
     parseEndpoint,
     parseSeconds,
     requireClientCertificates,
@@ -958,7 +966,7 @@ class Options(
         if certPath is not None:
             if keyPath is None:
                 keyPath, keyOption = certPath, certOption
-            mine = _checkCertificate(certOption, certPath, keyOption, keyPath, None)
+            mine = checkCertificate(certOption, certPath, keyOption, keyPath, None)
             clientCertificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
                 ssl.Certificate(crypto.X509.from_cryptography(mine.chain[0])),  # type: ignore[no-untyped-call]
                 ssl.KeyPair(crypto.PKey.from_cryptography_key(mine.key)),  # type: ignore[no-untyped-call]

@@ -36,17 +36,17 @@ from urllib.parse import urlsplit
 
 from OpenSSL import SSL
 
-from ._binding import capabilities
-from ._connection import (
+from twisted_rekey import (
+    MIN_INTERVAL_LOWEST,
     RekeyConnection,
+    capabilities,
     key_update,
     renegotiate,
     renegotiate_pending,
     secure_renegotiation_support,
     total_renegotiations,
 )
-from ._policy import MIN_INTERVAL_LOWEST
-from .exceptions import RekeyError
+from twisted_rekey.exceptions import RekeyError
 
 __all__ = [
     "EXIT_EXPOSED",
