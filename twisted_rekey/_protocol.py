@@ -281,6 +281,69 @@ class _Watcher:
     and the Deferreds waiting on the peer.
     """
 
+    # One per connection, with some sixty fields: as a dict (past the 30
+    # keys CPython shares between instances) it took ~1.6 KiB a connection.
+    __slots__ = (
+        "abuseReason",
+        "answerDue",
+        "answeredLog",
+        "bytesAtLastSent",
+        "bytesAtLastUpdate",
+        "bytesReceived",
+        "bytesReceivedMark",
+        "bytesSent",
+        "bytesSentMark",
+        "callbackErrors",
+        "clientRenegotiations",
+        "clock",
+        "closeAfterHandshake",
+        "closeTimer",
+        "conn",
+        "dirty",
+        "floodReason",
+        "handshakeNoted",
+        "heldUpdates",
+        "holding",
+        "inbound",
+        "initialDone",
+        "isClient",
+        "lastRequested",
+        "lastRotation",
+        "log",
+        "lost",
+        "outbound",
+        "owner",
+        "peerUpdates",
+        "peerWaiters",
+        "previousErrors",
+        "quietTimer",
+        "received",
+        "receivedLog",
+        "refused",
+        "refusedByUs",
+        "refusedLogged",
+        "refusing",
+        "renegDeadline",
+        "renegDone",
+        "renegInProgress",
+        "renegOurs",
+        "renegStarts",
+        "renegWaiters",
+        "renegotiations",
+        "requestOutstanding",
+        "requested",
+        "requestsUnlogged",
+        "rotation",
+        "sent",
+        "tls",
+        "tlsBufferedWrite",
+        "tlsConnectionLost",
+        "tlsDataReceived",
+        "tlsShutdownTLS",
+        "tlsWrite",
+        "tripped",
+    )
+
     def __init__(
         self,
         owner: RekeyProtocolMixin,
@@ -1237,6 +1300,8 @@ class _Watcher:
 
 class _Waiter:
     """One Deferred waiting on the peer, with its optional timeout."""
+
+    __slots__ = ("deferred", "log", "queue", "timer")
 
     def __init__(
         self,
