@@ -18,7 +18,13 @@ round moves the same bytes, in an order that rotates from round to round:
     on OpenSSL could reach.
 ``lib:<kind>:<bytes>``
     both ends with the mixin, and the sender calls its public
-    ``keyUpdate()`` / ``renegotiate()`` every *bytes*.
+    ``keyUpdate()`` / ``renegotiate()`` every *bytes*.  By default the
+    library sends at most 6 KeyUpdates per 1.1 s (``KEY_UPDATE_RATE_SENT``,
+    so that no known peer's cap is tripped) and holds the rest: at bulk
+    speed it would then rotate a hundred times less often than the bare
+    call, and look cheaper than it is.  These runs lift that cap on the
+    sender, and the *rotations* reported for a ``lib`` variant are the ones
+    the receiver saw (its ``rekeyStats``), equal to the bare call's.
 
 *kind* is ``ku`` (KeyUpdate), ``kureq`` (KeyUpdate asking the peer to
 update too), ``full`` or ``resumed`` (TLS 1.2 renegotiation; the server
@@ -38,6 +44,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 
 from twisted_rekey import RekeyProtocolMixin
+from twisted_rekey._policy import KeyUpdateCounter
 
 from ._common import Certificates, Figure, median, orders, paired
 
@@ -138,6 +145,13 @@ class WatchedSink(RekeyProtocolMixin, Sink):
     # connection.  These runs measure the cost of rotating, not the guard.
     keyUpdateRateLimit = None
 
+    def dataReceived(self, data: bytes) -> None:
+        if self.count + len(data) >= self.run.total:
+            # What reached this side: the proof that the sender rotated.
+            stats = self.rekeyStats
+            self.run.rotations = stats.keyUpdatesReceived + stats.renegotiations
+        Sink.dataReceived(self, data)
+
 
 class WatchedSource(RekeyProtocolMixin, Source):
     # The answers to requested KeyUpdates come as fast, and the client sends
@@ -148,6 +162,12 @@ class WatchedSource(RekeyProtocolMixin, Source):
 
     def handshakeCompleted(self) -> None:
         RekeyProtocolMixin.handshakeCompleted(self)
+        # The sending cap lifted (see the module's docstring): the one
+        # private attribute a benchmark touches, to rotate as often as the
+        # bare call does.
+        watcher = self._rekeyWatcher
+        assert watcher is not None
+        watcher.outbound = KeyUpdateCounter(None, None)
         Source.handshakeCompleted(self)
 
     def rotate(self) -> None:
@@ -156,7 +176,6 @@ class WatchedSource(RekeyProtocolMixin, Source):
             d = self.keyUpdate(requestPeer=kind == "kureq")
         else:
             d = self.renegotiate(abbreviated=kind == "resumed")
-        self.run.rotations += 1
         d.addErrback(self.run.failed)
 
 
