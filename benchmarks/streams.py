@@ -27,7 +27,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 
-from twisted_rekey import RotatingFactory, RotationPolicy
+from twisted_rekey import RotatingFactory, RotationPolicy, rekeyableFor
 
 from ._common import Certificates, Figure, median, orders, paired
 
@@ -119,8 +119,10 @@ class _Group:
     def rotations(self) -> int:
         total = 0
         for s in self.streamers:
-            wrapper = s.transport
-            schedule = getattr(wrapper, "rotationSchedule", None)
+            # RotatingFactory returns the application's own protocol: its
+            # rotation is reached through rekeyableFor(), not its transport.
+            rekeyable = rekeyableFor(s)
+            schedule = None if rekeyable is None else rekeyable.rotationSchedule
             if schedule is not None:
                 total += schedule.rotations
         return total
