@@ -1,7 +1,7 @@
 """
 Run every benchmark of twisted_rekey and print one row per figure::
 
-    python -m benchmarks            # the full run (about 12 minutes here)
+    python -m benchmarks            # the full run (about 8 minutes here)
     python -m benchmarks --quick    # a smoke run, well under a minute
 
 Each figure is a ratio to its baseline measured in the same run, in
