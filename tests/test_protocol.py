@@ -79,8 +79,12 @@ class Peer(RekeyProtocolMixin, protocol.Protocol):
 
     onHandshake: defer.Deferred[Peer] | None = None
 
-    def _rekeyHandshakeCompleted(self) -> None:
-        self.handshakes += 1
+    def handshakeCompleted(self) -> None:
+        super().handshakeCompleted()
+        watcher = self._rekeyWatcher
+        if watcher is not None and watcher.handshakeNoted:
+            # Counts the handshakes the mixin noted (and started a policy on).
+            self.handshakes += 1
         if self.onHandshake is not None:
             d, self.onHandshake = self.onHandshake, None
             d.callback(self)
@@ -641,13 +645,23 @@ def test_bytes_sent_counts_only_what_openssl_took(cert_files: Any) -> None:
     assert bytes(pair.server.received) == b"a" * 100_000
 
 
-def test_scheduler_entry_point(cert_files: Any, events: Events) -> None:
+def test_rotation_driver_entry_point(cert_files: Any, events: Events) -> None:
+    # What a rotation policy's driver calls (its Rotator): a KeyUpdate that
+    # waits for no answer is done on return, one that asks for an answer
+    # returns the Deferred of that answer.
     pair = Pair(cert_files)
-    done = _result(pair.client._rekeyNow(True, "policy: test"))
+    watcher = pair.client._rekeyWatcher
+    assert watcher is not None
+    assert watcher.rotate(False, None, "policy: test") is None
+    asked = watcher.rotate(True, None, "policy: asked")
+    assert asked is not None
+    done = _result(asked)
+    assert done == []
     pair.pump.flush()
     assert done == [None]
-    [sent] = [e for e in events.events if e["rekey_event"] == "key_update_sent"]
-    assert sent["reason"] == "policy: test"
+    assert pair.server.updates == [False, True]
+    sent = [e for e in events.events if e["rekey_event"] == "key_update_sent"]
+    assert [e["reason"] for e in sent] == ["policy: test", "policy: asked"]
 
 
 def test_key_update_type_settles(cert_files: Any) -> None:

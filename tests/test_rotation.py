@@ -33,7 +33,8 @@ from twisted_rekey import (
     RotationScheduler,
     rekeyableFor,
 )
-from twisted_rekey._rotation import granularityFor, schedulerFor
+from twisted_rekey._driver import granularityFor
+from twisted_rekey._scheduler import schedulerFor
 
 
 class Link:
@@ -349,6 +350,36 @@ def test_tls12_renegotiates(cert_files: Any, events: Events) -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_tls12_policy_hears_only_of_renegotiations_it_did_not_start(
+    cert_files: Any,
+) -> None:
+    # Its own renegotiation reaches the policy once, from its Deferred; the
+    # application's reaches it from the connection, as a new key both ways.
+    clock = task.Clock()
+    policy = RotationPolicy(interval=10, jitter=0)
+    one = link(cert_files, clock, policy, version="1.2", side="server")
+    schedule = one.server.rotationSchedule
+    one.server.transport.write(b"x")
+    advance(clock, [one], 11, 1)
+    assert (schedule.rotations, schedule.peer_rotations) == (1, 0)
+    one.server.transport.write(b"y")
+    advance(clock, [one], 5, 1)  # 16 s: the next of the policy's is at 21
+    done = _result(one.server.renegotiate())
+    advance(clock, [one], 1, 1)
+    assert done == [None]
+    assert (schedule.rotations, schedule.peer_rotations) == (1, 1)
+    assert one.client.renegotiationsSeen == 2
+    one.server.transport.write(b"z")
+    advance(clock, [one], 8, 1)  # 25 s: the interval restarted at 16 s
+    assert schedule.rotations == 1
+    advance(clock, [one], 3, 1)  # 28 s
+    assert (schedule.rotations, schedule.peer_rotations) == (2, 1)
+    assert one.client.renegotiationsSeen == 3
+    assert one.client.received == b"xyz"
+    one.close()
+    assert clock.getDelayedCalls() == []
+
+
 def test_tls12_client_policy_disabled_by_default(
     cert_files: Any, events: Events
 ) -> None:
@@ -419,7 +450,7 @@ def test_tls12_without_secure_renegotiation_left_alone(
     # OpenSSL always offers RFC 5746 and has no switch to stop it, so a peer
     # without it is simulated: the driver is told the peer lacks it.
     monkeypatch.setattr(
-        "twisted_rekey._rotation.secure_renegotiation_support", lambda conn: False
+        "twisted_rekey._driver.secure_renegotiation_support", lambda conn: False
     )
     clock = task.Clock()
     one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2", "server")
@@ -446,7 +477,7 @@ def test_tls12_renegotiation_never_taken_up_stops_rotation(
     no other renegotiation: after the timeout the policy stops for that
     connection instead of waiting on the stale one again and again.
     """
-    from twisted_rekey._rotation import RENEGOTIATION_TIMEOUT
+    from twisted_rekey._driver import RENEGOTIATION_TIMEOUT
 
     clock = task.Clock()
     one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2", "server")

@@ -45,6 +45,7 @@ from ._connection import (
     renegotiate_abbreviated,
     renegotiate_pending,
 )
+from ._driver import RotationDriver, startRotation
 from ._infocallback import infoCallbackFor
 from ._interfaces import IRekeyable
 from ._policy import KeyUpdateCounter
@@ -80,7 +81,6 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import ITransport
 
     from ._policy import RotationPolicy, RotationSchedule
-    from ._rotation import RotationDriver
 
 __all__ = ["RekeyProtocolMixin", "RekeyStats"]
 
@@ -327,6 +327,7 @@ class _Watcher:
         "renegDone",
         "renegInProgress",
         "renegOurs",
+        "renegPolicy",
         "renegStarts",
         "renegWaiters",
         "renegotiations",
@@ -385,6 +386,9 @@ class _Watcher:
         self.renegWaiters: list[_Waiter] = []
         self.renegInProgress = False
         self.renegOurs = False
+        # The renegotiation running is one the rotation policy asked for
+        # (or joined): its driver hears of it from its Deferred.
+        self.renegPolicy = False
         # A server's own writes wait from its HelloRequest until the client's
         # ClientHello: see holdWrite().
         self.holding = False
@@ -790,10 +794,6 @@ class _Watcher:
             deferred.errback(error)
         self.peerWaiters = []
         self.renegWaiters = []
-        try:
-            self.owner._rekeyConnectionLost(reason)
-        except Exception:
-            self.log.failure("in _rekeyConnectionLost", rekey_event="hook_error")
 
     # -- after the read: act on what the callback recorded
 
@@ -908,6 +908,7 @@ class _Watcher:
             self.renegotiations += 1
             self.renegInProgress = False
             self.renegOurs = False
+            policy, self.renegPolicy = self.renegPolicy, False
             self.bytesSentMark = self.bytesSent
             self.bytesReceivedMark = self.bytesReceived
             self.lastRotation = self.clock.seconds()
@@ -917,9 +918,9 @@ class _Watcher:
                 version=protocol_version(self.conn),
                 count=self.renegotiations,
             )
-            if self.rotation is not None:
-                # Before the waiters: a policy's own renegotiation is
-                # reported by its Deferred, anyone else's from here.
+            if self.rotation is not None and not policy:
+                # The policy's own renegotiation is reported by its
+                # Deferred; anyone else's, before the waiters, from here.
                 self.rotation.renegotiated()
             waiters, self.renegWaiters = self.renegWaiters, []
             self.callHook(self.owner.renegotiationCompleted)
@@ -981,11 +982,18 @@ class _Watcher:
         self.handshakeNoted = True
         if self.lastRotation is None:
             self.lastRotation = self.clock.seconds()
-        if self.owner.rotationPolicy is not None and not self.lost:
-            from ._rotation import RotationDriver
-
-            self.rotation = RotationDriver.forWatcher(self)
-        self.callHook(self.owner._rekeyHandshakeCompleted)
+        owner = self.owner
+        if owner.rotationPolicy is not None and not self.lost:
+            self.rotation = startRotation(
+                self,
+                self.conn,
+                self.clock,
+                owner.rotationPolicy,
+                isClient=self.isClient,
+                renegotiateAsClient=owner.renegotiateAsClient,
+                granularity=owner.rotationGranularity,
+                log=self.log,
+            )
 
     def answer(self) -> None:
         """
@@ -1027,8 +1035,16 @@ class _Watcher:
             )
 
     def keyUpdate(
-        self, requestPeer: bool, timeout: float | None, reason: str
+        self,
+        requestPeer: bool,
+        timeout: float | None,
+        reason: str,
+        policy: bool = False,
     ) -> Deferred[None]:
+        """
+        Send a KeyUpdate, or hold it until the sending rate allows it.
+        With *policy*, the rotation driver asked for it: it is not told.
+        """
         if requestPeer and len(self.peerWaiters) >= MAX_WAITERS:
             # Calls in a loop must not grow memory: a few callers share
             # the outstanding answer, the rest are told to wait for it.
@@ -1045,8 +1061,8 @@ class _Watcher:
                 )
             delay = self.sendDelay()
             if delay > 0:
-                return self.holdKeyUpdate(delay, requestPeer, timeout, reason)
-            self.sendKeyUpdate(requestPeer, reason)
+                return self.holdKeyUpdate(delay, requestPeer, timeout, reason, policy)
+            self.sendKeyUpdate(requestPeer, reason, policy)
         except Exception:
             return fail()
         if not requestPeer:
@@ -1075,7 +1091,12 @@ class _Watcher:
         return float(allowed - now)
 
     def holdKeyUpdate(
-        self, delay: float, requestPeer: bool, timeout: float | None, reason: str
+        self,
+        delay: float,
+        requestPeer: bool,
+        timeout: float | None,
+        reason: str,
+        policy: bool,
     ) -> Deferred[None]:
         """
         The application's KeyUpdate, held until the sending rate allows it;
@@ -1096,7 +1117,7 @@ class _Watcher:
 
         def release() -> None:
             self.heldUpdates.remove(entry)
-            self.keyUpdate(requestPeer, timeout, reason).chainDeferred(held)
+            self.keyUpdate(requestPeer, timeout, reason, policy).chainDeferred(held)
 
         held: Deferred[None] = Deferred(cancel)
         call = self.clock.callLater(delay, release)
@@ -1104,7 +1125,9 @@ class _Watcher:
         self.heldUpdates.append(entry)
         return held
 
-    def sendKeyUpdate(self, requestPeer: bool, reason: str) -> None:
+    def sendKeyUpdate(
+        self, requestPeer: bool, reason: str, policy: bool = False
+    ) -> None:
         """
         :meth:`keyUpdate` up to the wait for the peer's answer: raises what
         its Deferred would fail with.
@@ -1132,9 +1155,9 @@ class _Watcher:
             self.requestOutstanding = True
             self.answerDue = True
             self.requested += 1
-        if self.rotation is not None:
-            # A new key the policy may not have asked for (the application's
-            # own keyUpdate()): its counters start again from here.
+        if self.rotation is not None and not policy:
+            # A new key the policy did not ask for (the application's own
+            # keyUpdate()): its counters start again from here.
             self.rotation.keyUpdateSent(send)
         self.log.info(
             "sent a KeyUpdate (update_requested={requested}, reason: {reason})",
@@ -1145,31 +1168,36 @@ class _Watcher:
         )
 
     def rekeyNow(
-        self, requestPeer: bool, timeout: float | None, reason: str
+        self,
+        requestPeer: bool,
+        timeout: float | None,
+        reason: str,
+        policy: bool = False,
     ) -> Deferred[None]:
         # SSL_version() == TLS1_3_VERSION is protocol_version() == "TLSv1.3".
         if lib.SSL_version(self.conn._ssl) == _TLS1_3_VERSION:
-            return self.keyUpdate(bool(requestPeer), timeout, reason)
-        return self.renegotiate(False, timeout, reason)
+            return self.keyUpdate(bool(requestPeer), timeout, reason, policy)
+        return self.renegotiate(False, timeout, reason, policy)
 
     def rotate(
         self, requestPeer: bool, timeout: float | None, reason: str
     ) -> Deferred[None] | None:
         """
-        As :meth:`rekeyNow`, for a rotation policy: but a KeyUpdate that
-        waits for no answer (the usual timed rotation) is complete when
-        this returns ``None``, and raises what the Deferred would fail with.
-        No Deferred made and fired for it: this runs N/interval times a
-        second.
+        The :class:`~twisted_rekey._driver.Rotator` of this connection's
+        rotation driver: as :meth:`rekeyNow`, but a KeyUpdate that waits
+        for no answer (the usual timed rotation) is complete when this
+        returns ``None``, and raises what the Deferred would fail with.  No
+        Deferred made and fired for it: this runs N/interval times a
+        second.  The driver is not told of what it starts here.
         """
         if lib.SSL_version(self.conn._ssl) != _TLS1_3_VERSION:
             quiet = self.owner.renegotiationQuietPeriod
             if quiet and self.isClient is False:
                 return self.renegotiateWhenQuiet(quiet, timeout, reason)
-            return self.rekeyNow(requestPeer, timeout, reason)
+            return self.rekeyNow(requestPeer, timeout, reason, policy=True)
         if requestPeer:
-            return self.rekeyNow(requestPeer, timeout, reason)
-        self.sendKeyUpdate(False, reason)
+            return self.rekeyNow(requestPeer, timeout, reason, policy=True)
+        self.sendKeyUpdate(False, reason, policy=True)
         return None
 
     def renegotiateWhenQuiet(
@@ -1207,7 +1235,9 @@ class _Watcher:
                     ConnectionStateError("the connection closed before it was quiet")
                 )
             elif now - lastData >= quiet:
-                self.renegotiate(False, timeout, reason).chainDeferred(result)
+                self.renegotiate(False, timeout, reason, policy=True).chainDeferred(
+                    result
+                )
             elif now - start + quiet > deadline:
                 result.errback(
                     RekeyTimeout(
@@ -1227,8 +1257,17 @@ class _Watcher:
         self.quietTimer = None
 
     def renegotiate(
-        self, abbreviated: bool, timeout: float | None, reason: str
+        self,
+        abbreviated: bool,
+        timeout: float | None,
+        reason: str,
+        policy: bool = False,
     ) -> Deferred[None]:
+        """
+        Start a renegotiation, or wait for the one running.  With *policy*,
+        the rotation driver asked for it: its completion is not reported
+        to the driver (the Deferred is).
+        """
         if self.closing():
             return fail(
                 ConnectionStateError(
@@ -1274,6 +1313,8 @@ class _Watcher:
             )
         # A renegotiation already running (ours or the peer's) gives new
         # keys both ways when it completes: wait for that one.
+        if policy:
+            self.renegPolicy = True
         return _Waiter(self, self.renegWaiters, timeout, "the renegotiation").deferred
 
     def drop(self, error: RekeyError) -> None:
@@ -1547,7 +1588,9 @@ class RekeyProtocolMixin:
 
         .. versionadded:: 0.1.0
         """
-        return self._rekeyNow(requestPeer, "application", timeout)
+        return self._rekeyCall(
+            lambda w: w.rekeyNow(bool(requestPeer), timeout, "application")
+        )
 
     @property
     def rekeyStats(self) -> RekeyStats:
@@ -1592,13 +1635,7 @@ class RekeyProtocolMixin:
         .. versionadded:: 0.1.0
         """
 
-    # -- internal hooks for the rotation scheduler
-
-    def _rekeyHandshakeCompleted(self) -> None:
-        """Called once, when the initial handshake has completed."""
-
-    def _rekeyConnectionLost(self, reason: Failure) -> None:
-        """Called once, when the connection is lost (after the protocol)."""
+    # -- what RotatingFactory's rotation of a connection changes
 
     def _rekeyApplication(self) -> object:
         """The protocol this connection's log events name as their source."""
@@ -1611,24 +1648,6 @@ class RekeyProtocolMixin:
         """
         protocol: Any = self
         protocol.dataReceived = watcher.wrapAppData(protocol.dataReceived)
-
-    def _rekeyNow(
-        self, requestPeer: bool, reason: str, timeout: float | None = None
-    ) -> Deferred[None]:
-        """
-        Rotate now, as :meth:`rekey`, logging *reason* (such as
-        ``"policy: 1 GiB sent"``) with the event.
-        """
-
-        # Each rotation of a policy comes through here: no closure, and
-        # the version as OpenSSL's number rather than its decoded name.
-        watcher = self._rekeyWatcher
-        if watcher is None:
-            return self._rekeyCall(lambda w: w.rekeyNow(requestPeer, timeout, reason))
-        try:
-            return watcher.rekeyNow(requestPeer, timeout, reason)
-        except Exception:
-            return fail()
 
     # -- plumbing
 
