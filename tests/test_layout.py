@@ -29,6 +29,9 @@ TWISTED_INTERNALS = frozenset(
         "_aborted",
         "failVerification",
         "_conn",
+        # the TLS options, for ALPN
+        "_acceptableProtocols",
+        "protosFromProtocol",
     }
 )
 
@@ -68,6 +71,25 @@ def test_twisted_internals_in_one_module() -> None:
         if name != "_twistedtls.py"
     }
     assert {name: found for name, found in touched.items() if found} == {}
+
+
+def test_only_twistedtls_imports_twisted_private_modules() -> None:
+    # twisted.internet._sslverify, twisted.internet._newtls, ...: modules
+    # Twisted may change in any release.
+    def private(module: str, names: tuple[str, ...]) -> bool:
+        parts = module.split(".")
+        return parts[0] == "twisted" and any(
+            part.startswith("_") for part in [*parts, *names]
+        )
+
+    offenders = {
+        name: sorted(
+            m for m, n in _absoluteImports(tree, "twisted_rekey") if private(m, n)
+        )
+        for name, tree in _modules().items()
+        if name != "_twistedtls.py"
+    }
+    assert {name: found for name, found in offenders.items() if found} == {}
 
 
 def test_twisted_internals_module_touches_them() -> None:

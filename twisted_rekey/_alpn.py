@@ -22,13 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import _sslverify
+
+from ._twistedtls import alpnProtocolsFor, optionsProtocols
 
 __all__ = ["allowALPNWithoutProtocols"]
-
-# Twisted 26.x: the union of the factory's and the options' protocols, for
-# one TLS protocol.  Older releases have no such function, and no bug.
-_protosFromProtocol: Any = getattr(_sslverify, "protosFromProtocol", None)
 
 
 def allowALPNWithoutProtocols(options: Any) -> Any:
@@ -59,13 +56,14 @@ def allowALPNWithoutProtocols(options: Any) -> Any:
 
     .. versionadded:: 0.2.0
     """
-    if _protosFromProtocol is None:
-        return options
+    protocolsFor = alpnProtocolsFor()
+    if protocolsFor is None:
+        return options  # older releases ignore the offer themselves
     context: SSL.Context = options.getContext()
-    static: Sequence[bytes] = tuple(getattr(options, "_acceptableProtocols", ()) or ())
+    static: Sequence[bytes] = optionsProtocols(options)
 
     def select(conn: SSL.Connection, offered: list[bytes]) -> Any:
-        acceptable = _protosFromProtocol(conn.get_app_data(), static)
+        acceptable = protocolsFor(conn.get_app_data(), static)
         if not acceptable:
             return SSL.NO_OVERLAPPING_PROTOCOLS
         for name in acceptable:

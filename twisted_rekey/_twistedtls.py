@@ -10,13 +10,18 @@ the small functions below, so that the lines a Twisted release can break
 are these; the suite runs against the oldest and the newest supported
 Twisted.
 
+It also holds the two touches of Twisted's TLS options that ALPN needs
+(:func:`alpnProtocolsFor`, :func:`optionsProtocols`).
+
 This module must never import the reactor.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, cast
 
+from twisted.internet import _sslverify
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 if TYPE_CHECKING:
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "aborted",
+    "alpnProtocolsFor",
     "bufferApplicationData",
     "connectionClosing",
     "countReceived",
@@ -35,6 +41,7 @@ __all__ = [
     "flushApplication",
     "flushSendBIO",
     "hasBufferedApplicationData",
+    "optionsProtocols",
     "patchTLS",
     "shutdownTLS",
     "tlsConnection",
@@ -200,3 +207,27 @@ def failConnection(tls: Any, failure: Failure) -> None:
         failVerification(failure)
     else:  # pragma: no cover - every TLSMemoryBIOProtocol has it
         tls.abortConnection()
+
+
+# Twisted 26.x: the union of the factory's and the options' ALPN protocols
+# for one TLS protocol.  Older releases have no such function.
+_protosFromProtocol: Any = getattr(_sslverify, "protosFromProtocol", None)
+
+
+def alpnProtocolsFor() -> Callable[[Any, Sequence[bytes]], Sequence[bytes]] | None:
+    """
+    Twisted 26.x's function from a TLS protocol (a Connection's app data)
+    and the options' static protocols to the ALPN protocols the server
+    speaks, in its order of preference; ``None`` on releases without it.
+    """
+    return cast(
+        "Callable[[Any, Sequence[bytes]], Sequence[bytes]] | None", _protosFromProtocol
+    )
+
+
+def optionsProtocols(options: object) -> tuple[bytes, ...]:
+    """
+    The ALPN protocols given to Twisted's ``CertificateOptions``
+    (``acceptableProtocols``), empty for none or for other options.
+    """
+    return tuple(getattr(options, "_acceptableProtocols", ()) or ())
