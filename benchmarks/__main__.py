@@ -62,7 +62,9 @@ QUICK = Settings(
     bulk_mib13=2,
     bulk_mib12=9,
     send_rounds=4,
-    stream_counts=(1, 10, 100, 1000),
+    # 1000 streams take 3000 handshakes, most of a quick run: the full run
+    # measures them, the quick one runs the same code with fewer.
+    stream_counts=(1, 10, 100),
     stream_rounds=1,
     stream_seconds=0.5,
     scale_stages=(50, 100),
