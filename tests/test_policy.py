@@ -4,12 +4,13 @@ Tests for the sans-IO rotation policy: no reactor, no sockets, time passed in.
 
 from __future__ import annotations
 
+import math
 import random
 import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from twisted_rekey import _policy
@@ -839,3 +840,96 @@ def test_key_update_counter_names_what_it_counts() -> None:
     assert counter.add(0.0) is None
     assert counter.add(1.0) is None
     assert counter.add(2.0) == "3 renegotiations within 60.0 s (limit 2)"
+
+
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["sent", "received", "timer", "rotated", "failed", "peer", "peer-asked"]
+        ),
+        # Mostly short steps, so that many calls fall inside one interval.
+        st.sampled_from([0.0, 0.3, 1.2, 2.5, 9.0, 31.0]),
+        st.integers(min_value=0, max_value=70_000),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@example(  # a record limit reached by a later write
+    steps=[("sent", 2.5, 70_000), ("sent", 1.2, 70_000), ("sent", 1.2, 70_000)],
+    skip_idle=True,
+    protocol="TLSv1.3",
+    limits={"max_records": 9},
+)
+@example(  # a byte limit of the peer's key reached by a later read
+    steps=[("received", 2.5, 60_000), ("received", 1.2, 60_000)],
+    skip_idle=True,
+    protocol="TLSv1.3",
+    limits={"max_bytes": 100_000},
+)
+@example(  # our byte limit, and then the peer's after its answer
+    steps=[("sent", 2.5, 60_000), ("sent", 1.2, 60_000), ("rotated", 0.0, 1),
+           ("peer", 2.5, 0), ("received", 1.2, 60_000), ("received", 1.2, 60_000)],
+    skip_idle=False,
+    protocol="TLSv1.3",
+    limits={"max_bytes": 100_000},
+)  # fmt: skip
+@given(
+    steps=_STEPS,
+    skip_idle=st.booleans(),
+    protocol=st.sampled_from(["TLSv1.3", "TLSv1.2"]),
+    limits=st.sampled_from(
+        [
+            {"max_bytes": 100_000},
+            {"max_records": 9},
+            {"request_peer_interval": 25.0},
+            {"max_bytes": 50_000, "request_peer_interval": 10.0},
+            {},
+        ]
+    ),
+)
+def test_fast_path_answers_as_the_full_evaluation(
+    steps: list[tuple[str, float, int]],
+    skip_idle: bool,
+    protocol: str,
+    limits: dict[str, float],
+) -> None:
+    """
+    data_sent() and data_received() skip the evaluation while nothing can
+    be due: a schedule whose fast path is defeated before every call (so
+    it evaluates each time) returns the same actions and timers.
+    """
+
+    def schedule() -> RotationSchedule:
+        policy = RotationPolicy(
+            interval=30.0,
+            min_interval=1.0,
+            jitter=0,
+            skip_idle=skip_idle,
+            **limits,  # type: ignore[arg-type]
+        )
+        return start(policy, protocol=protocol, secure_renegotiation=True)
+
+    fast, full = schedule(), schedule()
+    now = 0.0
+    for op, dt, nbytes in steps:
+        now += dt
+        results = []
+        for s in (fast, full):
+            if s is full:
+                s._calm_until = -math.inf
+            if op == "sent":
+                results.append(s.data_sent(now, nbytes))
+            elif op == "received":
+                results.append(s.data_received(now, nbytes))
+            elif op == "timer":
+                results.append(s.handle_timer(now))
+            elif op == "rotated":
+                s.rotated(now, requested_peer=nbytes % 2 == 1)
+            elif op == "failed":
+                s.rotation_failed(now)
+            else:
+                s.peer_rotated(now, requested=op == "peer-asked")
+            results.append(s.get_timer())
+        assert results[: len(results) // 2] == results[len(results) // 2 :]

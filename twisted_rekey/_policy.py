@@ -578,6 +578,15 @@ class RotationSchedule:
         self._request_deadline: float | None = None
         self._arm_interval(now)
         self._arm_request(now)
+        # The fast path of data_sent() and data_received(), which run on
+        # every write and read: before _calm_until, and while the counters
+        # stay under these bounds, _issue() would return None.  Set by
+        # _issue() when it returns None, cleared by every other change.
+        self._calm_until = -math.inf
+        self._calm_records = 0.0
+        self._calm_bytes = 0.0
+        self._calm_peer_records = 0.0
+        self._calm_peer_bytes = 0.0
 
     def __repr__(self) -> str:
         state = self._method or f"disabled ({self._disabled_reason})"
@@ -718,6 +727,12 @@ class RotationSchedule:
         self._records += records
         self._total_bytes += nbytes
         self._total_records += records
+        if (
+            now < self._calm_until
+            and self._records < self._calm_records
+            and self._bytes < self._calm_bytes
+        ):
+            return None
         return self._issue(now)
 
     def data_received(
@@ -744,6 +759,12 @@ class RotationSchedule:
         self._peer_records += records
         self._total_bytes_received += nbytes
         self._total_records_received += records
+        if (
+            now < self._calm_until
+            and self._peer_records < self._calm_peer_records
+            and self._peer_bytes < self._calm_peer_bytes
+        ):
+            return None
         return self._issue(now)
 
     def get_timer(self) -> float | None:
@@ -804,6 +825,7 @@ class RotationSchedule:
         .. versionadded:: 0.1.0
         """
         self._issued = None
+        self._calm_until = -math.inf
         self._rotations += 1
         self._new_key(now)
         if self._method == "renegotiation":
@@ -826,6 +848,7 @@ class RotationSchedule:
         .. versionadded:: 0.1.0
         """
         self._issued = None
+        self._calm_until = -math.inf
         self._retry_after = now + self._policy.min_interval
 
     def peer_rotated(self, now: float, *, requested: bool) -> None:
@@ -843,6 +866,7 @@ class RotationSchedule:
         .. versionadded:: 0.1.0
         """
         self._peer_rotations += 1
+        self._calm_until = -math.inf
         self._request_outstanding = False
         self._new_peer_key()
         self._arm_request(now)
@@ -929,9 +953,32 @@ class RotationSchedule:
         order = ("aead-limit", "records", "bytes")
         return own if order.index(own) <= order.index(peer) else peer
 
+    def _calm(self) -> None:
+        """
+        Nothing is due now: note until when, and up to which counts, data
+        alone cannot make anything due (the time-based reasons as though
+        both keys were used, which only makes the fast path end sooner).
+        """
+        times = (self._interval_deadline, self._request_deadline)
+        deadlines = [d for d in times if d is not None]
+        self._calm_until = min(deadlines) if deadlines else math.inf
+        caps = [c for c in (self._aead_records, self._max_records) if c is not None]
+        records = min(caps) if caps else math.inf
+        nbytes = math.inf if self._max_bytes is None else self._max_bytes
+        self._calm_records, self._calm_bytes = records, nbytes
+        if self._request_outstanding:
+            # The peer's key is renewed by its answer, never by its counts.
+            self._calm_peer_records = self._calm_peer_bytes = math.inf
+        else:
+            self._calm_peer_records, self._calm_peer_bytes = records, nbytes
+
     def _issue(self, now: float) -> RotationAction | None:
         method = self._method
         if method is None or self._issued is not None:
+            # Until rotated() or rotation_failed(), which clear this.
+            self._calm_until = math.inf
+            self._calm_records = self._calm_bytes = math.inf
+            self._calm_peer_records = self._calm_peer_bytes = math.inf
             return None
         skip = self._policy.skip_idle
         peer_used = self._peer_key_used() or not skip
@@ -951,6 +998,7 @@ class RotationSchedule:
             elif request:
                 reason = "request-peer"
             else:
+                self._calm()
                 return None
         floor = self._floor()
         if floor is None or now < floor:
