@@ -18,6 +18,7 @@ uses the same one.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -246,6 +247,22 @@ class KeyUpdateCounter:
         if times is not None and not self._count:
             return None
         return now
+
+
+# The fast path's bounds (see RotationSchedule._calm_bounds).
+_NO_BOUNDS = (0.0, 0.0, 0.0, 0.0)
+_UNBOUNDED = (math.inf, math.inf, math.inf, math.inf)
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(
+    records: float, nbytes: float, outstanding: bool
+) -> tuple[float, float, float, float]:
+    # Shared between connections: the same few values for every one of a
+    # policy, so no tuple per connection.
+    if outstanding:
+        return (records, nbytes, math.inf, math.inf)
+    return (records, nbytes, records, nbytes)
 
 
 def _records(nbytes: int, records: int | None) -> int:
@@ -580,13 +597,12 @@ class RotationSchedule:
         self._arm_request(now)
         # The fast path of data_sent() and data_received(), which run on
         # every write and read: before _calm_until, and while the counters
-        # stay under these bounds, _issue() would return None.  Set by
-        # _issue() when it returns None, cleared by every other change.
+        # stay under _calm_bounds (our records and bytes, the peer's), _issue()
+        # would return None.  Set by _issue() when it returns None, cleared
+        # by every other change.  Two attributes, not five: past 30 an
+        # instance's dict is no longer shared and costs ~1.3 KiB more.
         self._calm_until = -math.inf
-        self._calm_records = 0.0
-        self._calm_bytes = 0.0
-        self._calm_peer_records = 0.0
-        self._calm_peer_bytes = 0.0
+        self._calm_bounds = _NO_BOUNDS
 
     def __repr__(self) -> str:
         state = self._method or f"disabled ({self._disabled_reason})"
@@ -727,12 +743,10 @@ class RotationSchedule:
         self._records += records
         self._total_bytes += nbytes
         self._total_records += records
-        if (
-            now < self._calm_until
-            and self._records < self._calm_records
-            and self._bytes < self._calm_bytes
-        ):
-            return None
+        if now < self._calm_until:
+            records_bound, bytes_bound, _, _ = self._calm_bounds
+            if self._records < records_bound and self._bytes < bytes_bound:
+                return None
         return self._issue(now)
 
     def data_received(
@@ -759,12 +773,10 @@ class RotationSchedule:
         self._peer_records += records
         self._total_bytes_received += nbytes
         self._total_records_received += records
-        if (
-            now < self._calm_until
-            and self._peer_records < self._calm_peer_records
-            and self._peer_bytes < self._calm_peer_bytes
-        ):
-            return None
+        if now < self._calm_until:
+            _, _, records_bound, bytes_bound = self._calm_bounds
+            if self._peer_records < records_bound and self._peer_bytes < bytes_bound:
+                return None
         return self._issue(now)
 
     def get_timer(self) -> float | None:
@@ -965,20 +977,15 @@ class RotationSchedule:
         caps = [c for c in (self._aead_records, self._max_records) if c is not None]
         records = min(caps) if caps else math.inf
         nbytes = math.inf if self._max_bytes is None else self._max_bytes
-        self._calm_records, self._calm_bytes = records, nbytes
-        if self._request_outstanding:
-            # The peer's key is renewed by its answer, never by its counts.
-            self._calm_peer_records = self._calm_peer_bytes = math.inf
-        else:
-            self._calm_peer_records, self._calm_peer_bytes = records, nbytes
+        # The peer's key is renewed by its answer, never by its counts.
+        self._calm_bounds = _bounds(records, nbytes, self._request_outstanding)
 
     def _issue(self, now: float) -> RotationAction | None:
         method = self._method
         if method is None or self._issued is not None:
             # Until rotated() or rotation_failed(), which clear this.
             self._calm_until = math.inf
-            self._calm_records = self._calm_bytes = math.inf
-            self._calm_peer_records = self._calm_peer_bytes = math.inf
+            self._calm_bounds = _UNBOUNDED
             return None
         skip = self._policy.skip_idle
         peer_used = self._peer_key_used() or not skip
