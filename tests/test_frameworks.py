@@ -438,21 +438,32 @@ async def test_perspective_broker(cert_files: Any, tmp_path: Path) -> None:
 
 # -- Autobahn with a websockets client -----------------------------------------
 
+#: websockets' asyncio client: one thread owns the TLS socket.  Its sync
+#: client reads in a background thread while the caller's thread writes, so
+#: two threads enter one OpenSSL ``SSL`` object at once, which OpenSSL
+#: forbids; a KeyUpdate arriving then can corrupt the client's records
+#: (docs/troubleshooting.rst, "Clients that share a TLS socket between
+#: threads").
 WEBSOCKETS_CLIENT = """
-import hashlib, ssl, sys, time
-from websockets.sync.client import connect
-context = ssl.create_default_context(cafile=sys.argv[2])
-timeout = float(sys.argv[3])
-count = 0
-with connect(sys.argv[1], ssl=context, open_timeout=timeout) as ws:
-    started = time.monotonic()
-    while time.monotonic() - started < 1.5:
-        message = hashlib.sha256(b"ws %d" % count).digest() * 64
-        ws.send(message)
-        assert ws.recv(timeout=timeout) == message, count
-        count += 1
-        time.sleep(0.02)
-print("OK", count)
+import asyncio, hashlib, ssl, sys, time
+from websockets.asyncio.client import connect
+
+async def main():
+    context = ssl.create_default_context(cafile=sys.argv[2])
+    timeout = float(sys.argv[3])
+    count = 0
+    async with connect(sys.argv[1], ssl=context, open_timeout=timeout) as ws:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:
+            message = hashlib.sha256(b"ws %d" % count).digest() * 64
+            await ws.send(message)
+            answer = await asyncio.wait_for(ws.recv(), timeout)
+            assert answer == message, count
+            count += 1
+            await asyncio.sleep(0.02)
+    print("OK", count)
+
+asyncio.run(main())
 """
 
 
