@@ -483,6 +483,10 @@ async def test_rekey_connection_under_the_mixin_both_count(
         assert conn.key_update_requests_received == 0
         assert us.rekeyStats.keyUpdatesSent == conn.key_updates_sent == 1
         assert conn.rotation_error is None
+        # Counting what recv() returns made it a subclass of its own class.
+        assert isinstance(conn, RekeyConnection)
+        assert type(conn).__mro__[1] is RekeyConnection
+        assert us.rekeyStats.bytesReceived > 0
 
 
 @pytest_twisted.ensureDeferred

@@ -616,6 +616,24 @@ class _Meter:
         self.error: BaseException | None = None
 
 
+class _Watching:
+    """A :class:`RekeyConnection`'s observer of its info callback."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: RekeyConnection) -> None:
+        self.conn = conn
+
+    def observe(self, ssl: Any, where: int, ret: int) -> None:
+        self.conn._rekey_info(ssl, where, ret)
+
+    def observeFailed(self, error: BaseException) -> None:
+        self.conn._rekey_info_failed(error)
+
+    def chainedFailed(self, error: BaseException) -> None:
+        self.conn._rekey_chained_failed(error)
+
+
 class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
     """
     A :class:`OpenSSL.SSL.Connection` with key update and renegotiation
@@ -683,12 +701,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         #: How many of those asked this side to update too.
         self.key_update_requests_received = 0
         self._rekey_rotation_error: RekeyError | None = None
-        infoCallbackFor(self).add(
-            self,
-            self._rekey_info,
-            self._rekey_info_failed,
-            self._rekey_chained_failed,
-        )
+        infoCallbackFor(self).add(_Watching(self), takesChainErrors=True)
 
     @property
     def rotation_error(self) -> RekeyError | None:

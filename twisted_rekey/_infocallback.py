@@ -19,28 +19,40 @@ to the observer added last that takes such errors (the layer closest to
 the code running the connection decides whether it is re-raised or
 logged), an observer's own error to that observer.
 
+It also counts the application bytes a Connection's ``recv`` returns, for
+the Twisted layer (:func:`countReceived`).
+
+What this keeps per Connection is small on purpose, since a server holds
+one per connection: the hub is the only attribute set on the Connection,
+every Connection shares one C trampoline, and the count goes through a
+subclass rather than an instance attribute (see :func:`countReceived`).
+
 This module must never import Twisted.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Protocol
 
 from OpenSSL import SSL
 
 from ._binding import ffi, need
 
-__all__ = ["InfoCallback", "infoCallbackFor"]
-
-Observe = Callable[[Any, int, int], None]
-OnError = Callable[[BaseException], None]
+__all__ = ["InfoCallback", "Observer", "countReceived", "infoCallbackFor"]
 
 
-class _Observer(NamedTuple):
-    owner: object
-    observe: Observe
-    observeFailed: OnError
-    chainFailed: OnError | None
+class Observer(Protocol):
+    """What :meth:`InfoCallback.add` takes: one layer's watching."""
+
+    def observe(self, ssl: Any, where: int, ret: int) -> None:
+        """One call of the info callback, inside OpenSSL: record, never
+        re-enter the state machine."""
+
+    def observeFailed(self, error: BaseException) -> None:
+        """What :meth:`observe` raised."""
+
+    def chainedFailed(self, error: BaseException) -> None:
+        """What the chained callback raised (only if added to take it)."""
 
 
 class InfoCallback:
@@ -49,34 +61,48 @@ class InfoCallback:
 
     :ivar replacement: a callback run instead of the chained one, called
         with the Connection as pyOpenSSL's own are.
+    :ivar counter: what :func:`countReceived` adds the bytes ``recv``
+        returns to (its ``bytesReceived``), or ``None``.
     """
+
+    __slots__ = (
+        "callback",
+        "chainTaker",
+        "conn",
+        "counter",
+        "observers",
+        "replacement",
+    )
 
     def __init__(self, conn: SSL.Connection) -> None:
         self.conn = conn
         self.replacement: Callable[[SSL.Connection, int, int], object] | None = None
-        self.observers: list[_Observer] = []
-        self.callback = ffi.callback("void (*)(const SSL *, int, int)", self.call)
+        self.observers: tuple[Observer, ...] = ()
+        # The observer added last that takes the chained callback's errors.
+        self.chainTaker: Observer | None = None
+        self.counter: Any = None
+        # The trampoline every Connection shares, else one of its own.
+        self.callback = _sharedTrampoline()
+        if self.callback is None:
+            self.callback = ffi.callback("void (*)(const SSL *, int, int)", self.call)
         need("SSL_set_info_callback")(conn._ssl, self.callback)  # type: ignore[attr-defined]
 
-    def add(
-        self,
-        owner: object,
-        observe: Observe,
-        observeFailed: OnError,
-        chainFailed: OnError | None = None,
-    ) -> None:
+    def add(self, observer: Observer, takesChainErrors: bool = False) -> None:
         """
-        Call *observe* with each ``(ssl, where, ret)``; what it raises goes
-        to *observeFailed*.  With *chainFailed*, this observer takes the
-        errors of the chained callback (unless one added later does).
+        Call ``observer.observe`` with each ``(ssl, where, ret)``; what it
+        raises goes to ``observer.observeFailed``.  With
+        *takesChainErrors*, ``observer.chainedFailed`` gets the errors of
+        the chained callback (unless an observer added later takes them).
         """
-        self.observers.append(_Observer(owner, observe, observeFailed, chainFailed))
+        self.observers += (observer,)
+        if takesChainErrors:
+            self.chainTaker = observer
 
     def observedBy(self, kind: type) -> bool:
         """
         Whether an observer owned by an instance of *kind* is installed.
         """
-        return any(isinstance(o.owner, kind) for o in self.observers)
+        return any(isinstance(o, kind) for o in self.observers)
 
     def call(self, ssl: Any, where: int, ret: int) -> None:
         # Inside OpenSSL: never raise, never re-enter the state machine.
@@ -104,10 +130,33 @@ class InfoCallback:
             if previous is not None:
                 previous(ssl, where, ret)
         except BaseException as e:
-            for observer in reversed(self.observers):
-                if observer.chainFailed is not None:
-                    observer.chainFailed(e)
-                    return
+            if self.chainTaker is not None:
+                self.chainTaker.chainedFailed(e)
+
+
+# pyOpenSSL's own map from an SSL pointer to its Connection (weak values),
+# through which its callbacks find their Connection; ``None`` if a release
+# lacks it, and each Connection then gets a trampoline of its own.
+_connections: Any = getattr(SSL.Connection, "_reverse_mapping", None)
+_trampoline: Any = None
+
+
+def _dispatch(ssl: Any, where: int, ret: int) -> None:
+    # Inside OpenSSL, for every Connection: never raise.
+    try:
+        hub = _connections[ssl].__dict__["_rekeyInfo"]
+    except BaseException:  # pragma: no cover - the hub is there first
+        return
+    hub.call(ssl, where, ret)
+
+
+def _sharedTrampoline() -> Any:
+    global _trampoline
+    if _connections is None:
+        return None
+    if _trampoline is None:
+        _trampoline = ffi.callback("void (*)(const SSL *, int, int)", _dispatch)
+    return _trampoline
 
 
 def infoCallbackFor(conn: SSL.Connection) -> InfoCallback:
@@ -123,3 +172,53 @@ def infoCallbackFor(conn: SSL.Connection) -> InfoCallback:
     if hub is None:
         hub = conn._rekeyInfo = InfoCallback(conn)  # type: ignore[attr-defined]
     return hub
+
+
+# The recv-counting subclass of each Connection class met.
+_counting: dict[type, type] = {}
+
+
+def _countingClass(base: type) -> type:
+    cls = _counting.get(base)
+    if cls is None:
+        baseRecv = base.recv  # type: ignore[attr-defined]
+
+        def recv(self: Any, bufsiz: int, flags: int | None = None) -> bytes:
+            data: bytes = baseRecv(self, bufsiz, flags)
+            self._rekeyInfo.counter.bytesReceived += len(data)
+            return data
+
+        recv.__doc__ = baseRecv.__doc__
+        cls = type(
+            base.__name__,
+            (base,),
+            {
+                "__slots__": (),
+                "__module__": base.__module__,
+                "__qualname__": base.__qualname__,
+                "__doc__": base.__doc__,
+                "recv": recv,
+                "read": recv,
+            },
+        )
+        _counting[base] = _counting[cls] = cls
+    return cls
+
+
+def countReceived(conn: SSL.Connection, counter: Any) -> None:
+    """
+    Add the size of everything ``conn.recv()`` returns to
+    ``counter.bytesReceived`` from now on (one counter per Connection: a
+    second call replaces the first).
+
+    *conn* becomes an instance of a subclass of its class that only adds
+    this count to ``recv`` (and its alias ``read``); ``isinstance`` checks
+    and everything else are unchanged.  An instance attribute ``recv``
+    would do the same, but on CPython it takes the Connection's attribute
+    dict out of the layout instances of a class share, at ~0.8 KiB a
+    connection.
+    """
+    infoCallbackFor(conn).counter = counter
+    cls = type(conn)
+    if _counting.get(cls) is not cls:
+        conn.__class__ = _countingClass(cls)

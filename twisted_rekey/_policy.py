@@ -174,14 +174,15 @@ class KeyUpdateCounter:
         # list is full, then a ring whose oldest entry is at _oldest: a few
         # floats per connection (a deque takes a 64-slot block from its first
         # entry, ~600 bytes, and every connection has several counters).
+        # An empty tuple until the first KeyUpdate: most counters see none.
         self._oldest = 0
         if rate is None:
             self._count = 0
             self._window = 0.0
-            self._times: list[float] | None = None
+            self._times: list[float] | tuple[()] | None = None
         else:
             self._count, self._window = rate
-            self._times = []
+            self._times = ()
         self.in_a_row_limit = in_a_row
         #: KeyUpdates since the last application data.
         self.in_a_row = 0
@@ -214,6 +215,8 @@ class KeyUpdateCounter:
             )
         times = self._times
         if times is not None:
+            if not isinstance(times, list):
+                times = self._times = []
             if len(times) <= self._count:
                 times.append(now)
                 oldest = times[0]

@@ -46,7 +46,7 @@ from ._connection import (
     renegotiate_pending,
 )
 from ._driver import RotationDriver, startRotation
-from ._infocallback import infoCallbackFor
+from ._infocallback import countReceived, infoCallbackFor
 from ._interfaces import IRekeyable
 from ._policy import KeyUpdateCounter
 from ._twistedtls import (
@@ -382,8 +382,10 @@ class _Watcher:
         # The owner's rotationPolicy at work, from the handshake on.
         self.rotation: RotationDriver | None = None
         self.requestOutstanding = False
-        self.peerWaiters: list[_Waiter] = []
-        self.renegWaiters: list[_Waiter] = []
+        # The lists below are made on first use, empty tuples until then:
+        # most connections never need one, and each costs 56 bytes.
+        self.peerWaiters: list[_Waiter] | tuple[()] = ()
+        self.renegWaiters: list[_Waiter] | tuple[()] = ()
         self.renegInProgress = False
         self.renegOurs = False
         # The renegotiation running is one the rotation policy asked for
@@ -400,7 +402,7 @@ class _Watcher:
         # Filled by the info callback (inside SSL_read/SSL_do_handshake),
         # acted on by _process() once the TLS protocol's read has returned.
         self.dirty = False
-        self.peerUpdates: list[bool] = []
+        self.peerUpdates: list[bool] | tuple[()] = ()
         self.renegStarts = 0
         self.renegDone = 0
         self.refused = False
@@ -408,10 +410,10 @@ class _Watcher:
         self.refusedByUs = False
         # Our no_renegotiation alert went out in the handshake now running.
         self.refusing = False
-        self.callbackErrors: list[BaseException] = []
+        self.callbackErrors: tuple[BaseException, ...] = ()
         # From the callback we chain to: logged, never fatal (without us,
         # cffi would have printed and ignored them).
-        self.previousErrors: list[BaseException] = []
+        self.previousErrors: tuple[BaseException, ...] = ()
         # The flood guard: the peer's unasked KeyUpdates, checked as each
         # one is read (the same counter bounds what we send).
         self.inbound = KeyUpdateCounter(
@@ -441,7 +443,7 @@ class _Watcher:
         self.requestsUnlogged = 0
         self.lastRequested = False
         # The application's KeyUpdates waiting for the sending rate.
-        self.heldUpdates: list[tuple[Any, Deferred[None]]] = []
+        self.heldUpdates: list[tuple[Any, Deferred[None]]] | tuple[()] = ()
         # loseConnection() met a handshake in progress: close once it ends.
         self.closeAfterHandshake = False
         self.closeTimer: Any = None
@@ -452,9 +454,7 @@ class _Watcher:
         # The one info callback of this Connection chains to the one that
         # would be in effect without us, and to a RekeyConnection's own
         # watching, which keeps counting.
-        infoCallbackFor(conn).add(
-            self, self.observe, self.observeFailed, self.chainedFailed
-        )
+        infoCallbackFor(conn).add(self, takesChainErrors=True)
 
         if owner.allowClientRenegotiation:
             # Only servers look at this option.
@@ -475,17 +475,20 @@ class _Watcher:
             self.bufferedWrite,
             self.shutdownTLS,
         )
-        owner._rekeyCountReceived(self)
+        # Counted where the bytes leave OpenSSL, so that nothing is set on
+        # the application's protocol (which may be a proxy that swaps what
+        # it forwards to, as Site's HTTP/2 switch).
+        countReceived(conn, self)
 
     # -- inside OpenSSL: record only, never raise, never call SSL_* that
     # -- could re-enter the state machine.
 
     def chainedFailed(self, error: BaseException) -> None:
-        self.previousErrors.append(error)
+        self.previousErrors += (error,)
         self.dirty = True
 
     def observeFailed(self, error: BaseException) -> None:
-        self.callbackErrors.append(error)
+        self.callbackErrors += (error,)
         self.dirty = True
 
     def observe(self, ssl: Any, where: int, ret: int) -> None:
@@ -510,7 +513,11 @@ class _Watcher:
                         # Unknown in this build; OpenSSL still answers a
                         # request with our next write.
                         requested = False
-                    self.peerUpdates.append(requested)
+                    updates = self.peerUpdates
+                    if isinstance(updates, list):
+                        updates.append(requested)
+                    else:
+                        self.peerUpdates = [requested]
                     self.dirty = True
                     if self.answerDue:
                         # The answer to our request: asked for, not counted.
@@ -610,17 +617,6 @@ class _Watcher:
         # the peer's key carried.
         if self.rotation is not None and self.bytesReceived != before:
             self.rotation.dataReceived(self.bytesReceived - before)
-
-    def wrapAppData(self, appDataReceived: Callable[[bytes], None]) -> Any:
-        # Called once per TLS record of data, so as little as can be: a
-        # closure (no attribute lookups for itself) and one counter.
-        watcher = self
-
-        def appData(data: bytes) -> None:
-            watcher.bytesReceived += len(data)
-            appDataReceived(data)
-
-        return appData
 
     def write(self, data: bytes) -> None:
         if self.holding and self.holdWrite(data):
@@ -781,19 +777,19 @@ class _Watcher:
             message = "the peer refused to renegotiate (no_renegotiation alert)"
         else:
             message = "the connection was lost before the rekey completed"
-        for waiter in self.peerWaiters + self.renegWaiters:
+        for waiter in [*self.peerWaiters, *self.renegWaiters]:
             error = PeerRefused(message)
             error.__cause__ = reason.value
             waiter.fail(error)
-        held, self.heldUpdates = self.heldUpdates, []
+        held, self.heldUpdates = self.heldUpdates, ()
         for call, deferred in held:
             if call.active():
                 call.cancel()
             error = PeerRefused("the connection was lost before the KeyUpdate was sent")
             error.__cause__ = reason.value
             deferred.errback(error)
-        self.peerWaiters = []
-        self.renegWaiters = []
+        self.peerWaiters = ()
+        self.renegWaiters = ()
 
     # -- after the read: act on what the callback recorded
 
@@ -802,14 +798,14 @@ class _Watcher:
 
     def processEvents(self, answer: bool) -> None:
         self.dirty = False
-        chained, self.previousErrors = self.previousErrors, []
+        chained, self.previousErrors = self.previousErrors, ()
         for error in chained:
             self.log.failure(
                 "the info callback twisted_rekey chains to raised",
                 Failure(error),  # type: ignore[no-untyped-call]
                 rekey_event="chained_callback_error",
             )
-        errors, self.callbackErrors = self.callbackErrors, []
+        errors, self.callbackErrors = self.callbackErrors, ()
         for error in errors:
             self.log.failure(
                 "twisted_rekey's info callback failed",
@@ -827,7 +823,7 @@ class _Watcher:
             # Before anything the read recorded: a peer past a bound gets
             # no answer, no hook call and no more of our CPU.
             self.received += len(self.peerUpdates)
-            self.peerUpdates = []
+            self.peerUpdates = ()
             self.renegStarts = self.renegDone = 0
             flood, self.floodReason = self.floodReason, None
             abuse, self.abuseReason = self.abuseReason, None
@@ -842,7 +838,7 @@ class _Watcher:
                 self.dropRenegotiator(abuse or "a guard tripped")
             return
 
-        updates, self.peerUpdates = self.peerUpdates, []
+        updates, self.peerUpdates = self.peerUpdates, ()
         if updates:
             # Logged in wire order, what the peer sent before our answer;
             # throttled, with the counts of what was not logged one by one.
@@ -862,7 +858,7 @@ class _Watcher:
             if self.requestOutstanding:
                 self.requestOutstanding = False
                 fire += self.peerWaiters
-                self.peerWaiters = []
+                self.peerWaiters = ()
             self.callHook(self.owner.keyUpdateReceived, requested)
         # After every hook: code waiting on the Deferred must find the
         # application's own bookkeeping of these updates done, and a new
@@ -922,7 +918,7 @@ class _Watcher:
                 # The policy's own renegotiation is reported by its
                 # Deferred; anyone else's, before the waiters, from here.
                 self.rotation.renegotiated()
-            waiters, self.renegWaiters = self.renegWaiters, []
+            waiters, self.renegWaiters = self.renegWaiters, ()
             self.callHook(self.owner.renegotiationCompleted)
             for waiter in list(waiters):
                 waiter.succeed()
@@ -1067,6 +1063,8 @@ class _Watcher:
             return fail()
         if not requestPeer:
             return succeed(None)
+        if not isinstance(self.peerWaiters, list):
+            self.peerWaiters = []
         return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
 
     def sendDelay(self) -> float:
@@ -1109,20 +1107,24 @@ class _Watcher:
                 f"the rate to allow them; possible again in {delay:.3f} s"
             )
 
+        queue = self.heldUpdates
+        if not isinstance(queue, list):
+            queue = self.heldUpdates = []
+
         def cancel(_: object) -> None:
-            if entry in self.heldUpdates:
-                self.heldUpdates.remove(entry)
+            if entry in queue:
+                queue.remove(entry)
             if call.active():
                 call.cancel()
 
         def release() -> None:
-            self.heldUpdates.remove(entry)
+            queue.remove(entry)
             self.keyUpdate(requestPeer, timeout, reason, policy).chainDeferred(held)
 
         held: Deferred[None] = Deferred(cancel)
         call = self.clock.callLater(delay, release)
         entry = (call, held)
-        self.heldUpdates.append(entry)
+        queue.append(entry)
         return held
 
     def sendKeyUpdate(
@@ -1315,6 +1317,8 @@ class _Watcher:
         # keys both ways when it completes: wait for that one.
         if policy:
             self.renegPolicy = True
+        if not isinstance(self.renegWaiters, list):
+            self.renegWaiters = []
         return _Waiter(self, self.renegWaiters, timeout, "the renegotiation").deferred
 
     def drop(self, error: RekeyError) -> None:
@@ -1640,14 +1644,6 @@ class RekeyProtocolMixin:
     def _rekeyApplication(self) -> object:
         """The protocol this connection's log events name as their source."""
         return self
-
-    def _rekeyCountReceived(self, watcher: _Watcher) -> None:
-        """
-        Have *watcher* count the application bytes this connection
-        receives: here, on their way into this protocol's ``dataReceived``.
-        """
-        protocol: Any = self
-        protocol.dataReceived = watcher.wrapAppData(protocol.dataReceived)
 
     # -- plumbing
 

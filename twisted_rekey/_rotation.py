@@ -14,7 +14,7 @@ This module never imports the reactor at module level.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import Any, Optional, cast
 
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -32,10 +32,7 @@ from zope.interface import (  # type: ignore[import-untyped]
 
 from ._policy import RotationPolicy
 from ._protocol import RekeyProtocolMixin
-from ._twistedtls import countReceived, findTLS, webConnection
-
-if TYPE_CHECKING:
-    from ._protocol import _Watcher
+from ._twistedtls import findTLS, webConnection
 
 __all__ = ["RotatingFactory", "RotatingProtocol", "rekeyableFor"]
 
@@ -107,12 +104,6 @@ class _ConnectionRekeyer(RekeyProtocolMixin):
         hook = getattr(self.protocol, "renegotiationCompleted", None)
         if hook is not None:
             hook()
-
-    def _rekeyCountReceived(self, watcher: _Watcher) -> None:
-        # Count on the TLS side, where the bytes leave OpenSSL, so that
-        # nothing is set on the application's protocol (which may be a
-        # proxy that swaps what it forwards to, as Site's HTTP/2 switch).
-        countReceived(watcher.conn, watcher)
 
 
 def rekeyableFor(protocolOrTransport: object) -> RekeyProtocolMixin | None:

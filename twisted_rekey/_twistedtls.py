@@ -33,7 +33,6 @@ __all__ = [
     "alpnProtocolsFor",
     "bufferApplicationData",
     "connectionClosing",
-    "countReceived",
     "factoryClock",
     "failConnection",
     "findTLS",
@@ -115,21 +114,6 @@ def patchTLS(
     tls._bufferedWrite = bufferedWrite
     tls._shutdownTLS = shutdown
     return originals
-
-
-def countReceived(conn: Any, counter: Any) -> None:
-    """
-    Add the size of every read of application data *conn* hands the TLS
-    protocol to ``counter.bytesReceived``.
-    """
-    recv = conn.recv
-
-    def counted(*args: Any) -> bytes:
-        data: bytes = recv(*args)
-        counter.bytesReceived += len(data)
-        return data
-
-    conn.recv = counted
 
 
 def connectionClosing(tls: Any) -> bool:
