@@ -1064,8 +1064,6 @@ def test_connection_gains_one_attribute_and_keeps_its_class(cert_files: Any) -> 
     would take the Connection's dict out of the layout its class's
     instances share (~0.8 KiB a connection on CPython 3.11).
     """
-    from OpenSSL import SSL
-
     pair = Pair(cert_files)
     plain = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
     for peer in (pair.client, pair.server):
@@ -1083,3 +1081,47 @@ def test_connection_gains_one_attribute_and_keeps_its_class(cert_files: Any) -> 
     assert type(other.server.transport._tlsConnection) is type(  # type: ignore[union-attr]
         pair.server.transport._tlsConnection  # type: ignore[union-attr]
     )
+
+
+def test_tls_method_shadowed_before_us_is_kept(cert_files: Any) -> None:
+    """
+    What the watcher routes through (the TLS protocol's ``_write`` here) is
+    called as the class defines it, unless an instance attribute already
+    replaced it (as ``BufferingTLSTransport`` does with ``write``): then that
+    replacement is the one called.
+    """
+    seen: list[bytes] = []
+    clock = task.Clock()
+
+    def shadowed(tls: Any) -> Any:
+        original = tls._write
+
+        def _write(data: bytes) -> None:
+            seen.append(data)
+            original(data)
+
+        tls._write = _write
+        return tls
+
+    sf = TLSMemoryBIOFactory(
+        server_options(cert_files, "1.3"),
+        False,
+        protocol.Factory.forProtocol(Peer),
+        clock,
+    )
+    cf = TLSMemoryBIOFactory(
+        client_options(cert_files), True, protocol.Factory.forProtocol(Peer), clock
+    )
+    c, s, pump = iosim.connectedServerAndClient(
+        lambda: shadowed(sf.buildProtocol(None)),
+        lambda: cf.buildProtocol(None),
+        clock=clock,
+    )
+    pump.flush()
+    server: Peer = s.wrappedProtocol
+    client: Peer = c.wrappedProtocol
+    server.transport.write(b"through both")  # type: ignore[union-attr]
+    pump.flush()
+    assert b"".join(seen) == b"through both"
+    assert bytes(client.received) == b"through both"
+    assert server.rekeyStats.bytesSent == len(b"through both")

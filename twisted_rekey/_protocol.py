@@ -415,12 +415,11 @@ class _Watcher:
         # cffi would have printed and ignored them).
         self.previousErrors: tuple[BaseException, ...] = ()
         # The flood guard: the peer's unasked KeyUpdates, checked as each
-        # one is read (the same counter bounds what we send).
-        self.inbound = KeyUpdateCounter(
-            owner.keyUpdateRateLimit, owner.keyUpdateFloodLimit
-        )
+        # one is read (the same counter bounds what we send).  This and the
+        # two counters below are made with the first event they count.
+        self.inbound: KeyUpdateCounter | None = None
         # Every KeyUpdate of ours on the wire, answers included.
-        self.outbound = KeyUpdateCounter.for_sending()
+        self.outbound: KeyUpdateCounter | None = None
         # bytesReceived (bytesSent) when the last KeyUpdate was read
         # (sent): the data path keeps one counter only, the KeyUpdate path
         # compares.
@@ -432,11 +431,7 @@ class _Watcher:
         self.floodReason: str | None = None
         # Set once a guard tripped: nothing more from this peer is read.
         self.tripped = False
-        self.clientRenegotiations = KeyUpdateCounter(
-            owner.clientRenegotiationLimit,
-            None,
-            events="client-initiated renegotiations",
-        )
+        self.clientRenegotiations: KeyUpdateCounter | None = None
         self.abuseReason: str | None = None
         self.receivedLog = _Throttle()
         self.answeredLog = _Throttle()
@@ -529,10 +524,13 @@ class _Watcher:
                     self.bytesSentMark = self.bytesSent
                     now = self.clock.seconds()
                     self.lastRotation = now
+                    outbound = self.outbound
+                    if outbound is None:
+                        outbound = self.outbound = KeyUpdateCounter.for_sending()
                     if self.bytesSent != self.bytesAtLastSent:
                         self.bytesAtLastSent = self.bytesSent
-                        self.outbound.data()
-                    self.outbound.add(now)
+                        outbound.data()
+                    outbound.add(now)
         if where & _CB_HANDSHAKE_START and self.initialDone:
             self.renegInProgress = True
             if not self.renegOurs:
@@ -569,10 +567,16 @@ class _Watcher:
         Count one unasked KeyUpdate from the peer; past a bound, stop
         reading from it at once.
         """
+        inbound = self.inbound
+        if inbound is None:
+            owner = self.owner
+            inbound = self.inbound = KeyUpdateCounter(
+                owner.keyUpdateRateLimit, owner.keyUpdateFloodLimit
+            )
         if self.bytesReceived != self.bytesAtLastUpdate:
             self.bytesAtLastUpdate = self.bytesReceived
-            self.inbound.data()
-        reason = self.inbound.add(self.clock.seconds())
+            inbound.data()
+        reason = inbound.add(self.clock.seconds())
         if reason is not None and self.floodReason is None:
             self.floodReason = reason
             self.trip()
@@ -596,7 +600,14 @@ class _Watcher:
             pass
 
     def noteClientRenegotiation(self) -> None:
-        reason = self.clientRenegotiations.add(self.clock.seconds())
+        counter = self.clientRenegotiations
+        if counter is None:
+            counter = self.clientRenegotiations = KeyUpdateCounter(
+                self.owner.clientRenegotiationLimit,
+                None,
+                events="client-initiated renegotiations",
+            )
+        reason = counter.add(self.clock.seconds())
         if reason is not None and self.abuseReason is None:
             self.abuseReason = reason
             self.trip()
@@ -607,7 +618,7 @@ class _Watcher:
         if self.tripped:
             return  # a guard tripped: nothing more from this peer
         before = self.bytesReceived
-        self.tlsDataReceived(data)
+        self.tlsDataReceived(self.tls, data)
         if self.renegDeadline is not None and not renegotiate_pending(self.conn):
             self.renegDeadline.cancel()
             self.renegDeadline = None
@@ -626,7 +637,7 @@ class _Watcher:
         before = self.bytesSent
         self.bytesSent = before + len(data)
         try:
-            self.tlsWrite(data)
+            self.tlsWrite(self.tls, data)
         except IndexError:
             self.peerClosedDuringWrite()
         if self.rotation is not None:
@@ -651,7 +662,7 @@ class _Watcher:
         # through write() above.
         self.bytesSent -= len(data)
         if not self.initialDone:
-            self.tlsBufferedWrite(data)
+            self.tlsBufferedWrite(self.tls, data)
             return
         # A renegotiation is running (OpenSSL takes no data until it ends).
         # Twisted would pause the application's producer here; when that
@@ -710,7 +721,7 @@ class _Watcher:
         )
 
     def shutdownTLS(self) -> None:
-        self.tlsShutdownTLS()
+        self.tlsShutdownTLS(self.tls)
         tls = self.tls
         conn = tlsConnection(tls)
         if (
@@ -751,7 +762,7 @@ class _Watcher:
         # (the plugins' "closed: ...") comes after them, as on the wire.
         self.logHeld()
         try:
-            self.tlsConnectionLost(reason)
+            self.tlsConnectionLost(self.tls, reason)
         finally:
             self.lose(reason)
 
@@ -1076,11 +1087,14 @@ class _Watcher:
         :raises RotationRateLimited: when only application data sent by us
             can allow one.
         """
+        outbound = self.outbound
+        if outbound is None:
+            return 0.0  # nothing sent yet
         now = self.clock.seconds()
         if self.bytesSent != self.bytesAtLastSent:
             self.bytesAtLastSent = self.bytesSent
-            self.outbound.data()
-        allowed = self.outbound.next_allowed(now)
+            outbound.data()
+        allowed = outbound.next_allowed(now)
         if allowed is None:
             raise RotationRateLimited(
                 "another KeyUpdate now would exceed what peers accept (too "

@@ -19,6 +19,7 @@ This module must never import the reactor.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from twisted.internet import _sslverify
@@ -85,6 +86,29 @@ def factoryClock(tls: Any) -> Any:
     return getattr(tls.factory, "_clock", None)
 
 
+_PATCHED = (
+    "dataReceived",
+    "connectionLost",
+    "_write",
+    "_bufferedWrite",
+    "_shutdownTLS",
+)
+
+
+def _callBound(method: Callable[..., Any], tls: Any, *args: Any) -> Any:
+    return method(*args)
+
+
+def _unbound(tls: Any, name: str) -> Callable[..., Any]:
+    # The class's function, called with the TLS protocol first: a bound
+    # method kept per connection would cost 64 bytes each.  What an
+    # instance attribute already replaced is kept as it is.
+    shadowing = tls.__dict__.get(name)
+    if shadowing is not None:
+        return partial(_callBound, shadowing)
+    return cast("Callable[..., Any]", getattr(type(tls), name))
+
+
 def patchTLS(
     tls: Any,
     dataReceived: Callable[[bytes], None],
@@ -99,15 +123,10 @@ def patchTLS(
     (instance attributes shadow the class's methods, as
     ``BufferingTLSTransport`` does with ``write``).
 
-    :returns: the methods replaced, in the same order.
+    :returns: the methods replaced, in the same order, each to be called
+        with *tls* as its first argument.
     """
-    originals = (
-        tls.dataReceived,
-        tls.connectionLost,
-        tls._write,
-        tls._bufferedWrite,
-        tls._shutdownTLS,
-    )
+    originals = tuple(_unbound(tls, name) for name in _PATCHED)
     tls.dataReceived = dataReceived
     tls.connectionLost = connectionLost
     tls._write = write
