@@ -45,8 +45,13 @@ def draw(results: dict[str, Any], path: str) -> None:
 
     stages = results["scale"]["stages"]
     counts = sorted(stages, key=int)
-    for mode, style in (("plain", "s:"), ("watch", "^--"), ("policy", "o-")):
+    modes = (("plain", "s:"), ("watch", "^--"), ("policy", "o-"), ("bare", "d-."))
+    for mode, style in modes:
+        if any(mode not in stages[n] for n in counts):
+            continue  # a run from before the mode existed
         for side, color in (("server", "C0"), ("client", "C1")):
+            if mode == "bare" and side == "client":
+                continue  # its clients do what plain's do
             # The windows span one interval: their mean is the whole of it.
             values = [_mean(stages[n][mode][side]) for n in counts]
             right.plot(

@@ -17,6 +17,12 @@ slow spell hits every mode alike:
     :class:`twisted_rekey.RotatingFactory` with
     ``RotationPolicy(interval=...)``: every connection that sent something
     rotates about once per interval (N/interval KeyUpdates per second).
+``bare``
+    plain Twisted TLS whose server calls the resolved C function itself
+    (``SSL_key_update``, ``SSL_do_handshake``, then Twisted's flush of the
+    memory BIO to the socket) on every connection once per interval, spread
+    evenly: the same KeyUpdates per second at the least cost any library on
+    this OpenSSL and Twisted can have, the limit of the policy's figure.
 
 First the memory: each server's RSS before listening and once all N
 handshakes are done, the connections idle.  Then every client connection
@@ -44,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("plain", "watch", "policy")
+MODES = ("plain", "watch", "policy", "bare")
 
 
 def _raiseFileLimit(needed: int) -> None:
@@ -137,8 +143,12 @@ def server(args: argparse.Namespace) -> None:
     port = reactor.listenTCP(0, tlsFactory, backlog=1024, interface="127.0.0.1")
     print(f"PORT {port.getHost().port}", flush=True)
 
+    bare = [0]  # KeyUpdates the bare mode sent
+    if args.mode == "bare":
+        _rotateBare(reactor, built, args.interval, bare)
+
     def rotations() -> int:
-        total = 0
+        total = bare[0]
         for p in built:
             # The TLS protocol itself: RotatingFactory puts nothing between
             # it and the application's Echo.
@@ -181,6 +191,47 @@ def server(args: argparse.Namespace) -> None:
 
     _commands(reactor, handle)
     reactor.run()
+
+
+def _rotateBare(
+    reactor: Any, built: list[Any], interval: float, sent: list[int]
+) -> None:
+    """
+    Every tick, a KeyUpdate on the next slice of the handshaken
+    connections: each one about once per *interval*.
+    """
+    from twisted.internet import task
+
+    from .bulk import _bare
+
+    rotate = _bare("ku")
+    tick = 0.1
+    position, carry = [0], [0.0]
+
+    # The connections handshaken, looked for again once a second while some
+    # are not: a scan of all of them on every tick would cost more than the
+    # KeyUpdates.
+    live: list[Any] = []
+    ticks = [0]
+
+    def step() -> None:
+        ticks[0] += 1
+        if len(live) != len(built) and ticks[0] % 10 == 1:
+            live[:] = [p for p in built if p._handshakeDone]
+        if not live:
+            return
+        carry[0] += len(live) * tick / interval
+        count, carry[0] = int(carry[0]), carry[0] % 1
+        for _ in range(count):
+            position[0] = (position[0] + 1) % len(live)
+            p = live[position[0]]
+            if p._lostTLSConnection:
+                continue
+            rotate(p._tlsConnection._ssl)
+            p._flushSendBIO()
+            sent[0] += 1
+
+    task.LoopingCall(step).start(tick, now=False)
 
 
 # -- the client: N connections, each sending a heartbeat --------------------------
@@ -414,9 +465,14 @@ def figures(results: dict[str, Any]) -> list[Any]:
     figs = []
     for n, rows in results["stages"].items():
         plain = rows["plain"]
-        for mode in ("watch", "policy"):
+        for mode in ("watch", "policy", "bare"):
             r = rows[mode]
             server = fmean(r["server"]) - fmean(plain["server"])
+            limit = {}
+            if mode == "policy":
+                # The same KeyUpdates per second at the bare call's cost.
+                bare = fmean(rows["bare"]["server"]) - fmean(plain["server"])
+                limit = {"bare call": f"{bare:+.3f} pt"}
             client = fmean(r["client"]) - fmean(plain["client"])
             figs.append(
                 Figure(
@@ -434,6 +490,7 @@ def figures(results: dict[str, Any]) -> list[Any]:
                             f"{fmean(plain['client']):.3f} % ({client:+.3f} pt), "
                             f"{fmean(r['rotations_per_s']):.1f} rotations/s"
                         ),
+                        **limit,
                     },
                 )
             )

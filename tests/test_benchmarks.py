@@ -31,7 +31,7 @@ FIGURES = [
     *(
         f"connections-{n}-{mode}-server-cpu"
         for n in (50, 100)
-        for mode in ("watch", "policy")
+        for mode in ("watch", "policy", "bare")
     ),
     "memory-watch-per-idle-connection",
     "memory-policy-per-idle-connection",
