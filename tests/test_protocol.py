@@ -1125,3 +1125,48 @@ def test_tls_method_shadowed_before_us_is_kept(cert_files: Any) -> None:
     assert b"".join(seen) == b"through both"
     assert bytes(client.received) == b"through both"
     assert server.rekeyStats.bytesSent == len(b"through both")
+
+
+def test_received_bytes_counted_past_an_instance_recv(cert_files: Any) -> None:
+    """
+    A Connection whose ``recv`` an instance attribute already replaced (a
+    subclass's ``recv`` would never be reached) has that one wrapped: the
+    bytes are counted, and the replacement still runs.
+    """
+    from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+    from zope.interface import implementer
+
+    calls: list[int] = []
+    options = server_options(cert_files, "1.3")
+
+    @implementer(IOpenSSLServerConnectionCreator)
+    class Creator:
+        def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+            conn = SSL.Connection(options.getContext(), None)
+            plainRecv = conn.recv
+
+            def recv(*args: Any) -> bytes:
+                calls.append(1)
+                return plainRecv(*args)
+
+            conn.recv = recv  # type: ignore[method-assign]
+            return conn
+
+    clock = task.Clock()
+    sf = TLSMemoryBIOFactory(
+        Creator(), False, protocol.Factory.forProtocol(Peer), clock
+    )
+    cf = TLSMemoryBIOFactory(
+        client_options(cert_files), True, protocol.Factory.forProtocol(Peer), clock
+    )
+    c, s, pump = iosim.connectedServerAndClient(
+        lambda: sf.buildProtocol(None), lambda: cf.buildProtocol(None), clock=clock
+    )
+    pump.flush()
+    c.wrappedProtocol.transport.write(b"y" * 40_000)
+    pump.flush()
+    server: Peer = s.wrappedProtocol
+    assert bytes(server.received) == b"y" * 40_000
+    assert server.rekeyStats.bytesReceived == 40_000
+    assert calls
+    assert type(s._tlsConnection) is SSL.Connection

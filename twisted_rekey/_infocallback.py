@@ -216,9 +216,27 @@ def countReceived(conn: SSL.Connection, counter: Any) -> None:
     and everything else are unchanged.  An instance attribute ``recv``
     would do the same, but on CPython it takes the Connection's attribute
     dict out of the layout instances of a class share, at ~0.8 KiB a
-    connection.
+    connection; it is the fallback for a class whose instances refuse a
+    new ``__class__``.
     """
-    infoCallbackFor(conn).counter = counter
+    hub = infoCallbackFor(conn)
+    hub.counter = counter
     cls = type(conn)
-    if _counting.get(cls) is not cls:
-        conn.__class__ = _countingClass(cls)
+    if "recv" not in conn.__dict__:
+        if _counting.get(cls) is cls:
+            return  # counting already
+        try:
+            conn.__class__ = _countingClass(cls)
+            return
+        except TypeError:
+            pass
+    # An instance attribute recv, which a subclass's would not reach, or a
+    # class that refuses the swap: wrap what is there.
+    recv = conn.recv
+
+    def counted(bufsiz: int, flags: int | None = None) -> bytes:
+        data: bytes = recv(bufsiz, flags)
+        hub.counter.bytesReceived += len(data)
+        return data
+
+    conn.recv = counted  # type: ignore[method-assign]
