@@ -428,6 +428,9 @@ async def test_s_client_key_update_reaches_our_server(
             assert us.rekeyStats.bytesSent == 0
         await _dataBothWays(client, us, "after")
         assert client.key_updates_received() == ([False] if request_peer else [])
+        # What s_client sent, counted as the Connection's recv returned it.
+        assert bytes(us.received) == b"after-from-client\n"
+        assert us.rekeyStats.bytesReceived == len(us.received)
 
 
 @pytest_twisted.ensureDeferred
@@ -487,6 +490,7 @@ async def test_rekey_connection_under_the_mixin_both_count(
         assert isinstance(conn, RekeyConnection)
         assert type(conn).__mro__[1] is RekeyConnection
         assert us.rekeyStats.bytesReceived > 0
+        assert us.rekeyStats.bytesReceived == len(us.received)
 
 
 @pytest_twisted.ensureDeferred
