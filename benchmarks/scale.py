@@ -145,7 +145,7 @@ def server(args: argparse.Namespace) -> None:
 
     bare = [0]  # KeyUpdates the bare mode sent
     if args.mode == "bare":
-        _rotateBare(reactor, built, args.interval, bare)
+        _rotateBare(built, args.interval, bare)
 
     def rotations() -> int:
         total = bare[0]
@@ -193,9 +193,7 @@ def server(args: argparse.Namespace) -> None:
     reactor.run()
 
 
-def _rotateBare(
-    reactor: Any, built: list[Any], interval: float, sent: list[int]
-) -> None:
+def _rotateBare(built: list[Any], interval: float, sent: list[int]) -> None:
     """
     Every tick, a KeyUpdate on the next slice of the handshaken
     connections: each one about once per *interval*.
