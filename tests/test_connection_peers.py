@@ -142,6 +142,7 @@ class _Server:
         *,
         allow_reneg: bool,
         renegotiate_on: bytes | None = None,
+        update_on: bytes | None = None,
     ) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(TIMEOUT)
@@ -156,8 +157,13 @@ class _Server:
 
             allow_client_renegotiation(ctx)
         self.ctx = ctx
-        # A line that makes it start a full renegotiation before its echo.
+        # A line that makes it start a full renegotiation after its echo.
         self.renegotiate_on = renegotiate_on
+        # A line that makes it send a KeyUpdate with update_requested after
+        # its echo.  Only this thread touches the connection once it runs:
+        # OpenSSL forbids two threads in one SSL object, and a KeyUpdate
+        # sent from another thread while this one is in recv() can crash.
+        self.update_on = update_on
         self.ready = threading.Event()
         self.conn: RekeyConnection | None = None
         self.states: list[str] = []
@@ -187,6 +193,8 @@ class _Server:
                     # After the echo: GnuTLS and Go clients take data that
                     # follows a HelloRequest for a protocol error.
                     conn.renegotiate()
+                if self.update_on is not None and self.update_on in data:
+                    conn.key_update(True)
         except BaseException as e:
             self.error = e
         finally:
@@ -227,11 +235,13 @@ def test_s_client_key_update_reaches_our_server(
 
 
 def test_our_server_key_update_reaches_s_client(cert_files: CertFiles) -> None:
-    server = _Server(cert_files, SSL.TLS1_3_VERSION, allow_reneg=False)
+    server = _Server(
+        cert_files, SSL.TLS1_3_VERSION, allow_reneg=False, update_on=b"rotate"
+    )
     with OpenSSLClient(cert_files, server.port, version="1.3") as client:
         assert server.ready.wait(TIMEOUT)
-        assert server.conn is not None
-        server.conn.key_update(True)
+        client.send_line("rotate")
+        client.expect(r"^rotate$")
         assert client.expect_key_update(True) is True
         client.send_line("data")
         client.expect(r"^data$")
