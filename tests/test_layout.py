@@ -164,15 +164,19 @@ LAYERS = {
     "_twistedtls": 4,
     # the policy's driver, below the mixin: it talks to a Rotator
     "_driver": 5,
-    "_protocol": 6,
-    "_rotation": 7,
-    "_alpn": 8,
-    "_metrics": 8,
+    # the Deferreds waiting on the peer, and the TLS 1.2 renegotiation
+    # state the mixin's watcher makes on first need
+    "_waiter": 5,
+    "_renegotiation": 6,
+    "_protocol": 7,
+    "_rotation": 8,
+    "_alpn": 9,
+    "_metrics": 9,
     # the public API imports the pyOpenSSL layer only, the rest on first use
     "__init__": 4,
     # ``python -m twisted_rekey``: the one library module that names the
     # applications (twisted_rekey.apps.cli)
-    "__main__": 9,
+    "__main__": 10,
 }
 
 #: The one module whose deferred imports go up the layers: the public API,

@@ -37,7 +37,7 @@ from twisted_rekey import (
     get_key_update_type,
     key_update,
 )
-from twisted_rekey._protocol import MAX_WAITERS
+from twisted_rekey._waiter import MAX_WAITERS
 
 TIMEOUT = 10.0
 
@@ -269,7 +269,11 @@ def test_renegotiate_in_a_loop_is_bounded(cert_files: Any) -> None:
     pair = Pair(cert_files, "1.2")
     calls = [_result(pair.server.renegotiate()) for _ in range(1000)]
     watcher = pair.server._rekeyWatcher
-    assert watcher is not None and len(watcher.renegWaiters) == MAX_WAITERS
+    assert (
+        watcher is not None
+        and watcher.reneg is not None
+        and len(watcher.reneg.waiters) == MAX_WAITERS
+    )
     assert all(c[0].check(AlreadyInProgress) for c in calls[MAX_WAITERS:])
     pair.pump.flush()
     assert all(c == [None] for c in calls[:MAX_WAITERS])

@@ -194,12 +194,12 @@ def test_client_renegotiation_dropped_where_openssl_would_accept_it(
     that did not opt in drops the client itself.  Simulated here: the
     connection accepts at the OpenSSL level, and the version check says old.
     """
-    from twisted_rekey import _protocol
+    from twisted_rekey import _renegotiation
     from twisted_rekey._binding import lib
     from twisted_rekey._connection import OP_ALLOW_CLIENT_RENEGOTIATION
     from twisted_rekey.exceptions import PeerRefused, RenegotiationRateLimited
 
-    monkeypatch.setattr(_protocol, "_OPENSSL_BEFORE_3", True)
+    monkeypatch.setattr(_renegotiation, "_OPENSSL_BEFORE_3", True)
     pair = Pair(cert_files, "1.2")
     server_conn = pair.server.transport.getHandle()  # type: ignore[union-attr]
     lib.SSL_set_options(server_conn._ssl, OP_ALLOW_CLIENT_RENEGOTIATION)

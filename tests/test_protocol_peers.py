@@ -357,6 +357,10 @@ async def test_s_server_key_update_reaches_us(
             await _within(us.waitFor(b"server-after\n"))
             assert server.key_updates_received() == ([False] if request_peer else [])
             assert us.updates == [request_peer]
+            # Session tickets read and KeyUpdates both ways: none of it is a
+            # handshake to OpenSSL, so no renegotiation state was made.
+            assert us._rekeyWatcher is not None
+            assert us._rekeyWatcher.reneg is None
 
 
 def _assertAnsweredInTheSameRead(trace: list[tuple[Any, ...]]) -> None:
@@ -431,6 +435,9 @@ async def test_s_client_key_update_reaches_our_server(
         # What s_client sent, counted as the Connection's recv returned it.
         assert bytes(us.received) == b"after-from-client\n"
         assert us.rekeyStats.bytesReceived == len(us.received)
+        # Tickets sent and KeyUpdates both ways made no renegotiation state.
+        assert us._rekeyWatcher is not None
+        assert us._rekeyWatcher.reneg is None
 
 
 @pytest_twisted.ensureDeferred

@@ -17,7 +17,7 @@ from test_protocol import Pair, Peer, _result
 from twistedharness import Events
 
 from twisted_rekey import RekeyTimeout, handshake_complete
-from twisted_rekey._protocol import RENEGOTIATION_DEADLINE
+from twisted_rekey._renegotiation import RENEGOTIATION_DEADLINE
 
 
 class RecordingClient(Peer):

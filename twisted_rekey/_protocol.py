@@ -40,15 +40,12 @@ from ._connection import (
     get_key_update_type,
     handshake_complete,
     key_update,
-    protocol_version,
-    renegotiate,
-    renegotiate_abbreviated,
-    renegotiate_pending,
 )
 from ._driver import RotationDriver, startRotation
 from ._infocallback import countReceived, infoCallbackFor
 from ._interfaces import IRekeyable
 from ._policy import KeyUpdateCounter
+from ._renegotiation import _Renegotiation
 from ._twistedtls import (
     aborted,
     bufferApplicationData,
@@ -59,12 +56,11 @@ from ._twistedtls import (
     finishShutdown,
     flushApplication,
     flushSendBIO,
-    hasBufferedApplicationData,
     patchTLS,
     shutdownTLS,
     tlsConnection,
-    unbufferApplicationData,
 )
+from ._waiter import MAX_WAITERS, _Waiter
 from .exceptions import (
     AlreadyInProgress,
     ConnectionStateError,
@@ -72,8 +68,6 @@ from .exceptions import (
     KeyUpdateFlood,
     PeerRefused,
     RekeyError,
-    RekeyTimeout,
-    RenegotiationRateLimited,
     RotationRateLimited,
 )
 
@@ -85,14 +79,6 @@ if TYPE_CHECKING:
 __all__ = ["RekeyProtocolMixin", "RekeyStats"]
 
 _LEVELS = frozenset(LogLevel.iterconstants())
-
-#: How long a renegotiation of ours may run, when its caller gave no
-#: timeout, before the connection is closed as stuck (seconds).
-RENEGOTIATION_DEADLINE = 30.0
-
-
-#: OpenSSL before 3.0 accepts client-initiated renegotiation by default.
-_OPENSSL_BEFORE_3 = lib.OpenSSL_version_num() < 0x30000000
 
 
 class _Logger(Logger):
@@ -207,11 +193,6 @@ def _scratch() -> Any:
     return _scratchBuffer[0]
 
 
-#: The most calls that wait together for one answer of the peer (its
-#: KeyUpdate, or the end of a renegotiation); one more fails with
-#: AlreadyInProgress.
-MAX_WAITERS = 8
-
 #: At most one event of each kind about the peer's KeyUpdates per this many
 #: seconds and connection; the events between are counted in the next one.
 LOG_INTERVAL = 1.0
@@ -277,14 +258,16 @@ class RekeyStats:
 class _Watcher:
     """
     Everything the mixin keeps per connection: the info callback, the
-    wrappers around the TLS protocol's read, write and loss, the counters
-    and the Deferreds waiting on the peer.
+    wrappers around the TLS protocol's read, write and loss, the counters,
+    the guards against a flooding peer and the Deferreds waiting on its
+    KeyUpdate.  A TLS 1.2 connection's renegotiations have their own
+    object (:class:`~twisted_rekey._renegotiation._Renegotiation`), made
+    on first need.
     """
 
     # One per connection, with some sixty fields: as a dict (past the 30
     # keys CPython shares between instances) it took ~1.6 KiB a connection.
     __slots__ = (
-        "abuseReason",
         "answerDue",
         "answeredLog",
         "bytesAtLastSent",
@@ -294,7 +277,6 @@ class _Watcher:
         "bytesSent",
         "bytesSentMark",
         "callbackErrors",
-        "clientRenegotiations",
         "clock",
         "closeAfterHandshake",
         "closeTimer",
@@ -303,7 +285,6 @@ class _Watcher:
         "floodReason",
         "handshakeNoted",
         "heldUpdates",
-        "holding",
         "inbound",
         "initialDone",
         "isClient",
@@ -316,20 +297,9 @@ class _Watcher:
         "peerUpdates",
         "peerWaiters",
         "previousErrors",
-        "quietTimer",
         "received",
         "receivedLog",
-        "refused",
-        "refusedByUs",
-        "refusedLogged",
-        "refusing",
-        "renegDeadline",
-        "renegDone",
-        "renegInProgress",
-        "renegOurs",
-        "renegPolicy",
-        "renegStarts",
-        "renegWaiters",
+        "reneg",
         "renegotiations",
         "requestOutstanding",
         "requested",
@@ -385,31 +355,14 @@ class _Watcher:
         # The lists below are made on first use, empty tuples until then:
         # most connections never need one, and each costs 56 bytes.
         self.peerWaiters: list[_Waiter] | tuple[()] = ()
-        self.renegWaiters: list[_Waiter] | tuple[()] = ()
-        self.renegInProgress = False
-        self.renegOurs = False
-        # The renegotiation running is one the rotation policy asked for
-        # (or joined): its driver hears of it from its Deferred.
-        self.renegPolicy = False
-        # A server's own writes wait from its HelloRequest until the client's
-        # ClientHello: see holdWrite().
-        self.holding = False
-        # Closes the connection if a renegotiation of ours never completes.
-        self.renegDeadline: Any = None
-        # A policy renegotiation waiting for the client to be quiet.
-        self.quietTimer: Any = None
+        # TLS 1.2 renegotiations, made the first time one is started or
+        # asked for: see renegotiation().
+        self.reneg: _Renegotiation | None = None
 
         # Filled by the info callback (inside SSL_read/SSL_do_handshake),
         # acted on by _process() once the TLS protocol's read has returned.
         self.dirty = False
         self.peerUpdates: list[bool] | tuple[()] = ()
-        self.renegStarts = 0
-        self.renegDone = 0
-        self.refused = False
-        self.refusedLogged = False
-        self.refusedByUs = False
-        # Our no_renegotiation alert went out in the handshake now running.
-        self.refusing = False
         self.callbackErrors: tuple[BaseException, ...] = ()
         # From the callback we chain to: logged, never fatal (without us,
         # cffi would have printed and ignored them).
@@ -431,8 +384,6 @@ class _Watcher:
         self.floodReason: str | None = None
         # Set once a guard tripped: nothing more from this peer is read.
         self.tripped = False
-        self.clientRenegotiations: KeyUpdateCounter | None = None
-        self.abuseReason: str | None = None
         self.receivedLog = _Throttle()
         self.answeredLog = _Throttle()
         self.requestsUnlogged = 0
@@ -532,34 +483,16 @@ class _Watcher:
                         outbound.data()
                     outbound.add(now)
         if where & _CB_HANDSHAKE_START and self.initialDone:
-            self.renegInProgress = True
-            if not self.renegOurs:
-                self.renegStarts += 1
-                if self.isClient is False:
-                    # Checked per message too: a client renegotiating in a
-                    # loop is cut before OpenSSL reads its next attempt.
-                    self.noteClientRenegotiation()
+            self.renegotiation().started()
             self.dirty = True
         if where & _CB_HANDSHAKE_DONE:
             if self.initialDone:
-                if self.refusing:
-                    # A refused renegotiation also ends with "done": but the
-                    # keys did not change.
-                    self.refusing = False
-                    self.renegInProgress = False
-                # TLS 1.2 reports a finished handshake after a server's
-                # HelloRequest too; the renegotiation is still pending then.
-                elif not renegotiate_pending(self.conn):
-                    self.renegDone += 1
+                self.renegotiation().finished(self.conn)
             else:
                 self.initialDone = True
             self.dirty = True
         if where & _CB_ALERT and (ret & 0xFF) == _ALERT_NO_RENEGOTIATION:
-            if where & _CB_READ:
-                self.refused = True
-            else:
-                self.refusedByUs = True
-                self.refusing = True
+            self.renegotiation().alerted(byPeer=bool(where & _CB_READ))
             self.dirty = True
 
     def checkRate(self) -> None:
@@ -599,19 +532,6 @@ class _Watcher:
         while _BIO_read(bio, scratch, _SCRATCH) > 0:
             pass
 
-    def noteClientRenegotiation(self) -> None:
-        counter = self.clientRenegotiations
-        if counter is None:
-            counter = self.clientRenegotiations = KeyUpdateCounter(
-                self.owner.clientRenegotiationLimit,
-                None,
-                events="client-initiated renegotiations",
-            )
-        reason = counter.add(self.clock.seconds())
-        if reason is not None and self.abuseReason is None:
-            self.abuseReason = reason
-            self.trip()
-
     # -- wrappers around the TLS protocol and the application protocol
 
     def dataReceived(self, data: bytes) -> None:
@@ -619,9 +539,9 @@ class _Watcher:
             return  # a guard tripped: nothing more from this peer
         before = self.bytesReceived
         self.tlsDataReceived(self.tls, data)
-        if self.renegDeadline is not None and not renegotiate_pending(self.conn):
-            self.renegDeadline.cancel()
-            self.renegDeadline = None
+        reneg = self.reneg
+        if reneg is not None:
+            reneg.readDone()
         if self.dirty:
             self.process()
         # Once per read, not per record: the policy's count of the bytes
@@ -630,7 +550,8 @@ class _Watcher:
             self.rotation.dataReceived(self.bytesReceived - before)
 
     def write(self, data: bytes) -> None:
-        if self.holding and self.holdWrite(data):
+        reneg = self.reneg
+        if reneg is not None and reneg.holding and reneg.holdWrite(data):
             return
         # Counted up front: bufferedWrite() takes back what OpenSSL could
         # not take yet, which is counted when it comes through here again.
@@ -672,53 +593,6 @@ class _Watcher:
         # empties after the read that completes the handshake, and the
         # renegotiation's deadline bounds how long that takes.
         bufferApplicationData(self.tls, data)
-
-    def holdWrite(self, data: bytes) -> bool:
-        """
-        Keep *data* back while our HelloRequest waits for its ClientHello.
-
-        Between the two, OpenSSL would send it, and a client that is then
-        in its handshake may take application data for a protocol error (Go's
-        crypto/tls does: unexpected_message).  Once the ClientHello is read,
-        OpenSSL itself takes no data until the handshake ends.  Held bytes go
-        to Twisted's buffer, so they keep their order and come back here after
-        the next read; a refusal, the end of the renegotiation or its deadline
-        lets them go.
-
-        :returns: whether *data* was held.
-        """
-        conn = self.conn
-        if (
-            self.lost
-            or self.refused
-            or not renegotiate_pending(conn)
-            or not handshake_complete(conn)
-        ):
-            self.holding = False
-            return False
-        bufferApplicationData(self.tls, data)
-        return True
-
-    def renegotiationExpired(self, timeout: float) -> None:
-        self.renegDeadline = None
-        if self.lost or not renegotiate_pending(self.conn):
-            return
-        if handshake_complete(self.conn):
-            # The client never answered our HelloRequest (RFC 5246 lets it
-            # ignore one): the connection itself is fine.  Our writes go out.
-            self.holding = False
-            if hasBufferedApplicationData(self.tls):
-                unbufferApplicationData(self.tls)
-            return
-        self.log.error(
-            "the renegotiation did not complete within {timeout} s; "
-            "closing the connection",
-            rekey_event="renegotiation_stuck",
-            timeout=timeout,
-        )
-        self.drop(
-            RekeyTimeout(f"the renegotiation did not complete within {timeout} s")
-        )
 
     def shutdownTLS(self) -> None:
         self.tlsShutdownTLS(self.tls)
@@ -775,20 +649,20 @@ class _Watcher:
             timer.cancel()
         if self.rotation is not None:
             self.rotation.stop()
-        if self.renegDeadline is not None:
-            self.renegDeadline.cancel()
-            self.renegDeadline = None
-        self.cancelQuietWait()
+        if self.reneg is not None:
+            self.reneg.stop()
         if self.dirty:
             self.processEvents(answer=False)
         # What the throttled events held back, once, so that the log adds
         # up to the connection's figures.
         self.logHeld()
-        if self.refused:
+        reneg = self.reneg
+        if reneg is not None and reneg.refused:
             message = "the peer refused to renegotiate (no_renegotiation alert)"
         else:
             message = "the connection was lost before the rekey completed"
-        for waiter in [*self.peerWaiters, *self.renegWaiters]:
+        renegWaiters = () if reneg is None else reneg.waiters
+        for waiter in [*self.peerWaiters, *renegWaiters]:
             error = PeerRefused(message)
             error.__cause__ = reason.value
             waiter.fail(error)
@@ -800,7 +674,8 @@ class _Watcher:
             error.__cause__ = reason.value
             deferred.errback(error)
         self.peerWaiters = ()
-        self.renegWaiters = ()
+        if reneg is not None:
+            reneg.waiters = ()
 
     # -- after the read: act on what the callback recorded
 
@@ -835,9 +710,9 @@ class _Watcher:
             # no answer, no hook call and no more of our CPU.
             self.received += len(self.peerUpdates)
             self.peerUpdates = ()
-            self.renegStarts = self.renegDone = 0
             flood, self.floodReason = self.floodReason, None
-            abuse, self.abuseReason = self.abuseReason, None
+            tripping = self.reneg
+            abuse = None if tripping is None else tripping.discard()
             if flood is not None:
                 self.log.warn(
                     "dropping a peer that floods KeyUpdates: {reason}",
@@ -846,7 +721,7 @@ class _Watcher:
                 )
                 self.drop(KeyUpdateFlood(flood))
             else:
-                self.dropRenegotiator(abuse or "a guard tripped")
+                self.renegotiation().dropRenegotiator(abuse or "a guard tripped")
             return
 
         updates, self.peerUpdates = self.peerUpdates, ()
@@ -878,75 +753,15 @@ class _Watcher:
         for waiter in fire:
             waiter.succeed()
 
-        starts, self.renegStarts = self.renegStarts, 0
-        for _ in range(starts):
-            if self.isClient is False:
-                if not self.owner.allowClientRenegotiation and _OPENSSL_BEFORE_3:
-                    # OpenSSL 3 refuses these itself; older ones accept them.
-                    self.abuseReason = (
-                        "a client-initiated renegotiation, which this server "
-                        "does not allow (allowClientRenegotiation is off)"
-                    )
-            self.log.info(
-                "peer started a renegotiation",
-                rekey_event="renegotiation_started_by_peer",
-            )
-
-        if self.abuseReason is not None and not self.lost:
-            reason, self.abuseReason = self.abuseReason, None
-            self.dropRenegotiator(reason)
+        reneg = self.reneg
+        if reneg is not None and reneg.process():
             return
-
-        if self.refusedByUs:
-            self.refusedByUs = False
-            self.log.info(
-                "refused a client-initiated renegotiation (not allowed)",
-                rekey_event="client_renegotiation_refused",
-            )
-        if self.refused and not self.refusedLogged:
-            self.refusedLogged = True
-            self.log.warn(
-                "the peer refused to renegotiate",
-                rekey_event="renegotiation_refused",
-            )
-
-        done, self.renegDone = self.renegDone, 0
-        for _ in range(done):
-            self.renegotiations += 1
-            self.renegInProgress = False
-            self.renegOurs = False
-            policy, self.renegPolicy = self.renegPolicy, False
-            self.bytesSentMark = self.bytesSent
-            self.bytesReceivedMark = self.bytesReceived
-            self.lastRotation = self.clock.seconds()
-            self.log.info(
-                "renegotiation completed ({version})",
-                rekey_event="renegotiation_completed",
-                version=protocol_version(self.conn),
-                count=self.renegotiations,
-            )
-            if self.rotation is not None and not policy:
-                # The policy's own renegotiation is reported by its
-                # Deferred; anyone else's, before the waiters, from here.
-                self.rotation.renegotiated()
-            waiters, self.renegWaiters = self.renegWaiters, ()
-            self.callHook(self.owner.renegotiationCompleted)
-            for waiter in list(waiters):
-                waiter.succeed()
 
         if self.closeAfterHandshake and not self.lost:
             # loseConnection() met a handshake: if it is over, close now
             # (shutdownTLS() waits again if not).
             self.closeAfterHandshake = False
             shutdownTLS(self.tls)
-
-    def dropRenegotiator(self, reason: str) -> None:
-        self.log.warn(
-            "dropping a client that renegotiates too often: {reason}",
-            rekey_event="client_renegotiation_rate_limited",
-            reason=reason,
-        )
-        self.drop(RenegotiationRateLimited(reason))
 
     def logReceived(self, count: int) -> None:
         # Throttled: one event for what arrived since the last one.
@@ -1193,7 +1008,7 @@ class _Watcher:
         # SSL_version() == TLS1_3_VERSION is protocol_version() == "TLSv1.3".
         if lib.SSL_version(self.conn._ssl) == _TLS1_3_VERSION:
             return self.keyUpdate(bool(requestPeer), timeout, reason, policy)
-        return self.renegotiate(False, timeout, reason, policy)
+        return self.renegotiation().renegotiate(False, timeout, reason, policy)
 
     def rotate(
         self, requestPeer: bool, timeout: float | None, reason: str
@@ -1209,131 +1024,27 @@ class _Watcher:
         if lib.SSL_version(self.conn._ssl) != _TLS1_3_VERSION:
             quiet = self.owner.renegotiationQuietPeriod
             if quiet and self.isClient is False:
-                return self.renegotiateWhenQuiet(quiet, timeout, reason)
+                return self.renegotiation().whenQuiet(quiet, timeout, reason)
             return self.rekeyNow(requestPeer, timeout, reason, policy=True)
         if requestPeer:
             return self.rekeyNow(requestPeer, timeout, reason, policy=True)
         self.sendKeyUpdate(False, reason, policy=True)
         return None
 
-    def renegotiateWhenQuiet(
-        self, quiet: float, timeout: float | None, reason: str
-    ) -> Deferred[None]:
-        """
-        :meth:`renegotiate`, once the client has sent nothing for *quiet*
-        seconds.  A client whose application keeps writing while our
-        renegotiation runs can put its data between our ServerHello and its
-        Finished, which OpenSSL rejects ("unexpected record"), and Java's
-        JSSE does; OpenSSL, GnuTLS, Go and Node clients hold their writes
-        themselves.  Fails with :class:`RekeyTimeout` if the client is never
-        quiet that long within *timeout*; the renegotiation then has
-        *timeout* of its own.
-        """
-        deadline = RENEGOTIATION_DEADLINE if timeout is None else timeout
-        start = self.clock.seconds()
-        result: Deferred[None] = Deferred(lambda _: self.cancelQuietWait())
-        # Polled a few times per period (the data path keeps no clock), so
-        # that the renegotiation starts soon after the quiet period, not as
-        # late as the client's next burst.
-        step = quiet / 4
-        mark = self.bytesReceived
-        lastData = start
+    def renegotiation(self) -> _Renegotiation:
+        """This connection's renegotiation state, made on first need."""
+        reneg = self.reneg
+        if reneg is None:
+            reneg = self.reneg = _Renegotiation(self)
+        return reneg
 
-        def check() -> None:
-            nonlocal mark, lastData
-            self.quietTimer = None
-            now = self.clock.seconds()
-            if self.bytesReceived != mark:
-                mark = self.bytesReceived
-                lastData = now
-            if self.closing():
-                result.errback(
-                    ConnectionStateError("the connection closed before it was quiet")
-                )
-            elif now - lastData >= quiet:
-                self.renegotiate(False, timeout, reason, policy=True).chainDeferred(
-                    result
-                )
-            elif now - start + quiet > deadline:
-                result.errback(
-                    RekeyTimeout(
-                        f"the peer was never quiet for {quiet} s within "
-                        f"{deadline} s: not renegotiating under its traffic"
-                    )
-                )
-            else:
-                self.quietTimer = self.clock.callLater(step, check)
-
-        self.quietTimer = self.clock.callLater(step, check)
-        return result
-
-    def cancelQuietWait(self) -> None:
-        if self.quietTimer is not None and self.quietTimer.active():
-            self.quietTimer.cancel()
-        self.quietTimer = None
-
-    def renegotiate(
-        self,
-        abbreviated: bool,
-        timeout: float | None,
-        reason: str,
-        policy: bool = False,
-    ) -> Deferred[None]:
-        """
-        Start a renegotiation, or wait for the one running.  With *policy*,
-        the rotation driver asked for it: its completion is not reported
-        to the driver (the Deferred is).
-        """
-        if self.closing():
-            return fail(
-                ConnectionStateError(
-                    "renegotiate() after loseConnection() or connection loss"
-                )
-            )
-        if not (self.renegInProgress or renegotiate_pending(self.conn)):
-            try:
-                self.flushApplication()
-                self.renegOurs = True
-                if abbreviated:
-                    renegotiate_abbreviated(self.conn)
-                else:
-                    renegotiate(self.conn)
-                self.renegInProgress = True
-                # From the HelloRequest on (a client is in its handshake at
-                # once, where OpenSSL holds its writes itself).
-                self.holding = self.isClient is False
-                self.flush()
-            except Exception:
-                self.renegOurs = False
-                self.holding = False
-                return fail()
-            if self.renegDeadline is not None:
-                self.renegDeadline.cancel()
-            deadline = RENEGOTIATION_DEADLINE if timeout is None else timeout
-            self.renegDeadline = self.clock.callLater(
-                deadline, self.renegotiationExpired, deadline
-            )
-            self.log.info(
-                "started a renegotiation (abbreviated={abbreviated}, reason: {reason})",
-                rekey_event="renegotiation_started",
-                abbreviated=abbreviated,
-                reason=reason,
-            )
-        elif len(self.renegWaiters) >= MAX_WAITERS:
-            # Calls in a loop must not grow memory.
-            return fail(
-                AlreadyInProgress(
-                    f"{MAX_WAITERS} calls already wait for the running "
-                    "renegotiation: wait for one of their Deferreds"
-                )
-            )
-        # A renegotiation already running (ours or the peer's) gives new
-        # keys both ways when it completes: wait for that one.
-        if policy:
-            self.renegPolicy = True
-        if not isinstance(self.renegWaiters, list):
-            self.renegWaiters = []
-        return _Waiter(self, self.renegWaiters, timeout, "the renegotiation").deferred
+    def renegotiated(self) -> int:
+        """A renegotiation completed: new keys both ways.  The count."""
+        self.renegotiations += 1
+        self.bytesSentMark = self.bytesSent
+        self.bytesReceivedMark = self.bytesReceived
+        self.lastRotation = self.clock.seconds()
+        return self.renegotiations
 
     def drop(self, error: RekeyError) -> None:
         # The reason the application's connectionLost receives.
@@ -1355,56 +1066,6 @@ class _Watcher:
                 0.0 if self.lastRotation is None else now - self.lastRotation
             ),
         )
-
-
-class _Waiter:
-    """One Deferred waiting on the peer, with its optional timeout."""
-
-    __slots__ = ("deferred", "log", "queue", "timer")
-
-    def __init__(
-        self,
-        watcher: Any,
-        queue: list[_Waiter],
-        timeout: float | None,
-        what: str,
-    ) -> None:
-        self.queue = queue
-        self.log: _Logger = watcher.log
-        self.deferred: Deferred[None] = Deferred(self.cancel)
-        self.timer: Any = None
-        if timeout is not None:
-            self.timer = watcher.clock.callLater(timeout, self.timedOut, timeout, what)
-        queue.append(self)
-
-    def cancel(self, _: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self in self.queue:
-            self.queue.remove(self)
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-    def timedOut(self, timeout: float, what: str) -> None:
-        self.timer = None
-        self.stop()
-        self.log.warn(
-            "gave up waiting for {what} after {timeout} s",
-            rekey_event="rekey_timeout",
-            what=what,
-            timeout=timeout,
-        )
-        self.deferred.errback(RekeyTimeout(f"{what} did not arrive within {timeout} s"))
-
-    def succeed(self) -> None:
-        self.stop()
-        self.deferred.callback(None)
-
-    def fail(self, error: Exception) -> None:
-        self.stop()
-        self.deferred.errback(error)
 
 
 @implementer(IRekeyable, IHandshakeListener)
@@ -1593,7 +1254,9 @@ class RekeyProtocolMixin:
         .. versionadded:: 0.1.0
         """
         return self._rekeyCall(
-            lambda w: w.renegotiate(bool(abbreviated), timeout, "application")
+            lambda w: w.renegotiation().renegotiate(
+                bool(abbreviated), timeout, "application"
+            )
         )
 
     def rekey(
