@@ -606,11 +606,12 @@ class _Watcher:
             self.tlsBufferedWrite(self.tls, data)
             return
         # A renegotiation is running (OpenSSL takes no data until it ends).
-        # Twisted would pause the application's producer here; when that
-        # producer is the TLS transport itself (an echo), the socket is no
-        # longer read, the handshake cannot complete and nothing resumes
-        # it.  Keep reading: the bytes wait in Twisted's buffer, which it
-        # empties after the read that completes the handshake, and the
+        # Twisted's own _bufferedWrite would pause the producer even when
+        # it is the TLS transport itself (an echo): the socket would no
+        # longer be read, the handshake could not complete and nothing
+        # would resume it.  bufferApplicationData pauses any other
+        # producer; the bytes wait in Twisted's buffer, which it empties
+        # after the read that completes the handshake, and the
         # renegotiation's deadline bounds how long that takes.
         bufferApplicationData(self.tls, data)
 

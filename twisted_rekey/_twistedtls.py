@@ -163,9 +163,26 @@ def shutdownTLS(tls: Any) -> None:
 def bufferApplicationData(tls: Any, data: bytes) -> None:
     """
     Put *data* in the TLS protocol's own buffer of application data, which
-    it empties (in order) after the read that completes a handshake.
+    it empties (in order) after the read that completes a handshake, and
+    pause the application's producer as Twisted's own ``_bufferedWrite``
+    does; Twisted resumes it once that buffer is empty again.
+
+    Not when the producer is this connection itself (an echo registers its
+    own transport): pausing it would stop reading the very handshake that
+    empties the buffer.  Such a producer writes only what the peer sends,
+    which a peer in its handshake does not.
     """
     tls._appSendBuffer.append(data)
+    membrane = getattr(tls, "_producer", None)
+    if membrane is None:
+        return
+    producer = getattr(membrane, "_producer", None)
+    # A pull producer is wrapped once more (Twisted's _PullToPush).
+    inner = getattr(producer, "_producer", None)
+    for candidate in (producer, inner):
+        if candidate is not None and candidate in (tls, tls.transport):
+            return
+    membrane.pauseProducing()
 
 
 def hasBufferedApplicationData(tls: Any) -> bool:
