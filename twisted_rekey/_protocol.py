@@ -156,11 +156,8 @@ class _ConnectionLogger(_Logger):
     def __init__(
         self, parent: _Logger, source: object, connection: int, peer: str
     ) -> None:
-        # Not Logger.__init__, which would look for a namespace: the
-        # parent's is ours.
-        self.namespace = parent.namespace
-        self.observer = parent.observer
-        self.source = source
+        # Logger's three attributes land in the slots.
+        super().__init__(parent.namespace, source, parent.observer)
         self.connection = connection
         self.peer = peer
 
