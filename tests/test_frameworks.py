@@ -215,6 +215,67 @@ async def test_site_with_curl(
     assert stats.bytesSent > CHUNKS * CHUNK
 
 
+class Renegotiating(Streamed):
+    """
+    Streamed, and the resource itself renegotiates (TLS 1.2) before every
+    sixteenth chunk: that chunk is written right after the HelloRequest,
+    so it is held, with the channel paused as its producer, until the
+    client's ClientHello arrives.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: list[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        write = request.write
+        rotation = rekeyableFor(request.channel)
+        sent = [0]
+
+        def renegotiatingWrite(data: bytes) -> None:
+            if sent[0] % 16 == 0:
+                rotation.renegotiate(timeout=TIMEOUT).addBoth(self.results.append)  # type: ignore[union-attr]
+            sent[0] += 1
+            write(data)
+
+        request.write = renegotiatingWrite
+        return super().render_GET(request)
+
+
+@pytest_twisted.ensureDeferred
+async def test_site_renegotiates_under_curl_on_tls12(
+    cert_files: Any, tmp_path: Path
+) -> None:
+    """
+    TLS 1.2 (HTTP/1.1: HTTP/2 forbids renegotiation): the application
+    renegotiates in the middle of a streamed response, whose next write is
+    held from the HelloRequest on, with the HTTP channel (the producer of
+    its connection) paused meanwhile.  The channel must still read the
+    ClientHello: curl follows every renegotiation and reads the whole body
+    in order.
+    """
+    curl = require_tool("curl")
+    site = RecordingSite(Renegotiating())
+    port = await serverEndpoint(cert_files).listen(RotatingFactory(site, None))
+    saved = tmp_path / "body"
+    try:
+        url = f"https://127.0.0.1:{port.getHost().port}/"
+        args = ("--http1.1", "--tls-max", "1.2", "-o", str(saved), url)
+        _, err, code = await run(curl, *curlArgs(cert_files, *args))
+    finally:
+        await port.stopListening()
+    assert code == 0, err
+    assert re.search(r"SSL connection using TLSv1\.2", err), err
+    assert saved.read_bytes() == body()
+    await closed(site)
+    (stats,) = rotationsOf(site)
+    assert site.resource.results == [None] * (CHUNKS // 16)
+    assert stats.renegotiations == CHUNKS // 16
+    # curl read each HelloRequest; a renegotiation completes only with its
+    # Finished.
+    assert err.count("(IN), TLS handshake, Hello request") == CHUNKS // 16, err
+
+
 HTTPX_CLIENT = """
 import hashlib, ssl, sys
 import httpx

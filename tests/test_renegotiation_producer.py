@@ -7,7 +7,8 @@ application data: Twisted's TLS buffer holds it.  The application's
 producer must be paused meanwhile, as Twisted pauses it for a handshake of
 its own, or a fast producer pours everything it has into that buffer (here
 it was all 7 MiB left of an 8 MiB stream, and the six renegotiations asked
-for after the first one joined it instead of following it).  Proven on the
+for after the first one joined it instead of following it); and the pause
+must not stop the connection's reading, or the handshake never ends.  Proven on the
 wire: the client reads every byte in order (SHA-256) and took part in each
 renegotiation (a renegotiation completes only with the client's Finished).
 """
@@ -89,12 +90,37 @@ class Streamer(RekeyProtocolMixin, protocol.Protocol):
                 d = self.renegotiate(timeout=TIMEOUT)
                 d.addBoth(self.results.append)
         if self.sent >= len(self.data) and self.transport is not None:
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
+            self.done()
+
+    def done(self) -> None:
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Any = None) -> None:
         self.reason = reason
         self.factory.lost.callback(None)
+
+
+class ReadPausingStreamer(Streamer):
+    """
+    Also stops reading while it is paused, as protocols do that must not
+    take in more than they can send (an echo; Twisted's HTTP channel
+    between requests).
+    """
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        super().resumeProducing()
+
+    def done(self) -> None:
+        # No producer any more, so nothing would resume reading the
+        # client's close.
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        super().done()
 
 
 def _client(stack: str, certs: CertFiles, port: int, refuse: bool) -> PeerProcess:
@@ -120,7 +146,11 @@ def _client(stack: str, certs: CertFiles, port: int, refuse: bool) -> PeerProces
 
 
 async def _stream(
-    certs: CertFiles, stack: str, every: int, refuse: bool = False
+    certs: CertFiles,
+    stack: str,
+    every: int,
+    refuse: bool = False,
+    kind: type[Streamer] = Streamer,
 ) -> tuple[Streamer, PeerProcess]:
     """
     Stream TOTAL bytes to *stack*'s client, renegotiating every *every*
@@ -128,7 +158,7 @@ async def _stream(
     """
     from twisted.internet import reactor
 
-    factory = protocol.Factory.forProtocol(Streamer)
+    factory = protocol.Factory.forProtocol(kind)
     factory.data = DATA  # type: ignore[attr-defined]
     factory.every = every  # type: ignore[attr-defined]
     factory.made = defer.Deferred()  # type: ignore[attr-defined]
@@ -150,12 +180,17 @@ async def _stream(
     return server, client
 
 
+@pytest.mark.parametrize("kind", [Streamer, ReadPausingStreamer])
 @pytest.mark.parametrize("stack", STACKS)
 @pytest_twisted.ensureDeferred
 async def test_producer_paused_while_our_renegotiation_runs(
-    cert_files: CertFiles, stack: str
+    cert_files: CertFiles, stack: str, kind: type[Streamer]
 ) -> None:
-    server, client = await _stream(cert_files, stack, EVERY)
+    """
+    Paused, and (for ReadPausingStreamer) its own pause of the connection's
+    reading not let through: the ClientHello is read all the same.
+    """
+    server, client = await _stream(cert_files, stack, EVERY, kind=kind)
     assert server.sent == TOTAL, server.reason
     digest = hashlib.sha256(DATA).hexdigest()
     if stack == "python-ssl":

@@ -603,11 +603,12 @@ class _Watcher:
             self.tlsBufferedWrite(self.tls, data)
             return
         # A renegotiation is running (OpenSSL takes no data until it ends).
-        # Twisted's own _bufferedWrite would pause the producer even when
-        # it is the TLS transport itself (an echo): the socket would no
-        # longer be read, the handshake could not complete and nothing
-        # would resume it.  bufferApplicationData pauses any other
-        # producer; the bytes wait in Twisted's buffer, which it empties
+        # Twisted's own _bufferedWrite would pause the producer, and when
+        # that producer is the TLS transport itself (an echo) the socket
+        # would no longer be read, the handshake could not complete and
+        # nothing would resume it.  bufferApplicationData pauses the
+        # producer without letting the pause stop this connection's
+        # reading; the bytes wait in Twisted's buffer, which it empties
         # after the read that completes the handshake, and the
         # renegotiation's deadline bounds how long that takes.
         bufferApplicationData(self.tls, data)

@@ -160,6 +160,13 @@ def shutdownTLS(tls: Any) -> None:
     tls._shutdownTLS()
 
 
+_MISSING = object()
+
+
+def _readingKept(*args: object) -> None:
+    """Stands in for a pause of this connection's reading: see below."""
+
+
 def bufferApplicationData(tls: Any, data: bytes) -> None:
     """
     Put *data* in the TLS protocol's own buffer of application data, which
@@ -167,22 +174,34 @@ def bufferApplicationData(tls: Any, data: bytes) -> None:
     pause the application's producer as Twisted's own ``_bufferedWrite``
     does; Twisted resumes it once that buffer is empty again.
 
-    Not when the producer is this connection itself (an echo registers its
-    own transport): pausing it would stop reading the very handshake that
-    empties the buffer.  Such a producer writes only what the peer sends,
-    which a peer in its handshake does not.
+    The handshake that empties the buffer must still be read, so the pause
+    is not let through to this connection's own reading: an echo's
+    producer is its transport, a protocol may pause its transport when it
+    is paused itself, twisted.web's HTTP channel does between requests.
+    Without that, the ClientHello would never be read.
     """
     tls._appSendBuffer.append(data)
     membrane = getattr(tls, "_producer", None)
     if membrane is None:
         return
-    producer = getattr(membrane, "_producer", None)
-    # A pull producer is wrapped once more (Twisted's _PullToPush).
-    inner = getattr(producer, "_producer", None)
-    for candidate in (producer, inner):
-        if candidate is not None and candidate in (tls, tls.transport):
-            return
-    membrane.pauseProducing()
+    kept = [tls]
+    tcp = getattr(tls, "transport", None)
+    if tcp is not None and hasattr(tcp, "__dict__"):
+        kept.append(tcp)
+    # For the length of the call only: instance attributes over the
+    # pauseProducing of the TLS protocol and of its TCP transport, put
+    # back as they were (normally: none) however the call ends.
+    saved = [(r, r.__dict__.get("pauseProducing", _MISSING)) for r in kept]
+    for reader, _ in saved:
+        reader.pauseProducing = _readingKept
+    try:
+        membrane.pauseProducing()
+    finally:
+        for reader, before in saved:
+            if before is _MISSING:
+                del reader.pauseProducing
+            else:
+                reader.pauseProducing = before
 
 
 def hasBufferedApplicationData(tls: Any) -> bool:
