@@ -29,8 +29,6 @@ TWISTED_INTERNALS = frozenset(
         "_aborted",
         "failVerification",
         "_conn",
-        # the application's producer (inside Twisted's _ProducerMembrane)
-        "_producer",
         # the TLS options, for ALPN
         "_acceptableProtocols",
         "protosFromProtocol",

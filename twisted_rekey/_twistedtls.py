@@ -171,8 +171,9 @@ def bufferApplicationData(tls: Any, data: bytes) -> None:
     """
     Put *data* in the TLS protocol's own buffer of application data, which
     it empties (in order) after the read that completes a handshake, and
-    pause the application's producer as Twisted's own ``_bufferedWrite``
-    does; Twisted resumes it once that buffer is empty again.
+    pause the application's producer: Twisted's own ``_bufferedWrite``
+    does both (its class's, not the watcher's replacement on the
+    instance), and Twisted resumes the producer once that buffer is empty.
 
     The handshake that empties the buffer must still be read, so the pause
     is not let through to this connection's own reading: an echo's
@@ -180,22 +181,18 @@ def bufferApplicationData(tls: Any, data: bytes) -> None:
     is paused itself, twisted.web's HTTP channel does between requests.
     Without that, the ClientHello would never be read.
     """
-    tls._appSendBuffer.append(data)
-    membrane = getattr(tls, "_producer", None)
-    if membrane is None:
-        return
-    kept = [tls]
+    readers = [tls]
     tcp = getattr(tls, "transport", None)
     if tcp is not None and hasattr(tcp, "__dict__"):
-        kept.append(tcp)
+        readers.append(tcp)
     # For the length of the call only: instance attributes over the
     # pauseProducing of the TLS protocol and of its TCP transport, put
     # back as they were (normally: none) however the call ends.
-    saved = [(r, r.__dict__.get("pauseProducing", _MISSING)) for r in kept]
+    saved = [(r, r.__dict__.get("pauseProducing", _MISSING)) for r in readers]
     for reader, _ in saved:
         reader.pauseProducing = _readingKept
     try:
-        membrane.pauseProducing()
+        TLSMemoryBIOProtocol._bufferedWrite(tls, data)  # type: ignore[no-untyped-call]
     finally:
         for reader, before in saved:
             if before is _MISSING:
