@@ -24,7 +24,12 @@ from peers import (
     OpenSSLServer,
 )
 
-from twisted_rekey import KeyUpdateType, PeerRefused, RekeyConnection
+from twisted_rekey import (
+    KeyUpdateType,
+    PeerRefused,
+    RekeyConnection,
+    RenegotiationForbidden,
+)
 
 TIMEOUT = 10
 
@@ -84,6 +89,36 @@ def test_s_server_refuses_our_renegotiation_by_default(
             with pytest.raises(PeerRefused, match="no renegotiation"):
                 conn.renegotiate()
             server.expect(r"warning no_renegotiation")
+
+
+def test_no_renegotiation_over_http2(cert_files: CertFiles) -> None:
+    """
+    HTTP/2 over TLS 1.2 forbids renegotiation (RFC 9113, section 9.2.1):
+    with h2 picked by ALPN, renegotiate() and rekey() raise before anything
+    is sent, and s_server (which would accept one) sees none.
+    """
+    with OpenSSLServer(
+        cert_files, version="1.2", client_renegotiation=True, extra_args=["-alpn", "h2"]
+    ) as server:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+        ctx.load_verify_locations(str(cert_files.ca_cert))
+        ctx.set_verify(SSL.VERIFY_PEER)
+        ctx.set_alpn_protos([b"h2"])
+        with connected(ctx, server.address, seconds=TIMEOUT) as conn:
+            server.expect_handshake()
+            assert conn.get_alpn_proto_negotiated() == b"h2"
+            for call in (conn.renegotiate, conn.renegotiate_abbreviated, conn.rekey):
+                with pytest.raises(RenegotiationForbidden, match="HTTP/2") as raised:
+                    call()
+                assert raised.value.protocol == b"h2"
+            assert not conn.renegotiate_pending()
+            conn.sendall(b"still talking\n")
+            server.expect(r"still talking")
+            server.send_line("reply")
+            assert b"reply" in read_until(conn, b"reply")
+            assert conn.total_renegotiations() == 0
+            assert server.output.count(", ClientHello") == 1, server.output
 
 
 # -- openssl s_server starts its own towards us --------------------------------

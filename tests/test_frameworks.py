@@ -28,8 +28,10 @@ from twisted.internet import endpoints, protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.spread import pb
 from twisted.web import resource, server
+from twistedharness import Events
 
 from twisted_rekey import (
     RekeyProtocolMixin,
@@ -37,6 +39,7 @@ from twisted_rekey import (
     RotationPolicy,
     rekeyableFor,
 )
+from twisted_rekey.exceptions import RenegotiationForbidden
 
 TIMEOUT = 30.0
 
@@ -274,6 +277,50 @@ async def test_site_renegotiates_under_curl_on_tls12(
     # curl read each HelloRequest; a renegotiation completes only with its
     # Finished.
     assert err.count("(IN), TLS handshake, Hello request") == CHUNKS // 16, err
+
+
+@pytest.mark.parametrize("policy", [True, False], ids=["policy", "asked"])
+@pytest_twisted.ensureDeferred
+async def test_site_never_renegotiates_http2_on_tls12(
+    cert_files: Any, tmp_path: Path, events: Events, policy: bool
+) -> None:
+    """
+    HTTP/2 over TLS 1.2 forbids renegotiation (RFC 9113, section 9.2.1: a
+    client treats one as a connection error).  With curl over h2 and TLS
+    1.2, neither the policy nor the application's own renegotiate() sends
+    a HelloRequest: the policy stays off and says why, the call fails with
+    RenegotiationForbidden, and curl reads the whole body.
+    """
+    curl = require_tool("curl")
+    resource = Renegotiating() if not policy else Streamed()
+    site = RecordingSite(resource)
+    factory = RotatingFactory(site, fast() if policy else None)
+    port = await serverEndpoint(cert_files).listen(factory)
+    saved = tmp_path / "body"
+    try:
+        url = f"https://127.0.0.1:{port.getHost().port}/"
+        args = ("--http2", "--tls-max", "1.2", "-o", str(saved), url)
+        _, err, code = await run(curl, *curlArgs(cert_files, *args))
+    finally:
+        await port.stopListening()
+    assert code == 0, err
+    assert re.search(r"SSL connection using TLSv1\.2", err), err
+    assert re.search(r"using HTTP/2", err), err
+    assert saved.read_bytes() == body()
+    await closed(site)
+    (stats,) = rotationsOf(site)
+    assert stats.renegotiations == 0
+    assert "Hello request" not in err, err
+    if policy:
+        (disabled,) = events.named("rotation_disabled")
+        assert "HTTP/2" in disabled["reason"], disabled
+    else:
+        results = resource.results  # type: ignore[attr-defined]
+        assert len(results) == CHUNKS // 16
+        for result in results:
+            assert isinstance(result, Failure), result
+            assert result.check(RenegotiationForbidden), result
+            assert "HTTP/2" in result.getErrorMessage()
 
 
 HTTPX_CLIENT = """

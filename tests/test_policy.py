@@ -270,6 +270,36 @@ def test_tls12_without_secure_renegotiation_is_disabled(
     assert schedule.bytes_sent == 99 * 100_000
 
 
+@pytest.mark.parametrize(
+    ("protocol", "alpn", "method"),
+    [
+        ("TLSv1.2", b"h2", None),
+        ("TLSv1.2", b"http/1.1", "renegotiation"),
+        ("TLSv1.2", None, "renegotiation"),
+        # RFC 9113 forbids renegotiation only: a KeyUpdate is no handshake.
+        ("TLSv1.3", b"h2", "key-update"),
+    ],
+)
+def test_http2_forbids_renegotiation(
+    protocol: str, alpn: bytes | None, method: str | None
+) -> None:
+    schedule = RotationPolicy(interval=1.0, skip_idle=False).start(
+        0.0,
+        protocol=protocol,
+        cipher=None,
+        secure_renegotiation=True,
+        application_protocol=alpn,
+    )
+    assert schedule.method == method
+    if method is None:
+        assert schedule.disabled_reason is not None
+        assert "HTTP/2 forbids TLS renegotiation" in schedule.disabled_reason
+        assert schedule.handle_timer(1e9) is None
+    else:
+        assert schedule.disabled_reason is None
+        assert schedule.handle_timer(1e9) is not None
+
+
 @pytest.mark.parametrize("protocol", ["DTLSv1.2", "QUIC", ""])
 def test_unknown_protocol_is_disabled(protocol: str) -> None:
     schedule = start(RotationPolicy(interval=1.0), protocol=protocol)

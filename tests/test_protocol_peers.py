@@ -35,7 +35,7 @@ from peers import (
     OpenSSLServer,
     PeerProcess,
 )
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -47,6 +47,7 @@ from twisted_rekey import (
     PeerRefused,
     RekeyConnection,
     RekeyProtocolMixin,
+    RenegotiationForbidden,
     RenegotiationRateLimited,
     protocol_version,
 )
@@ -530,6 +531,47 @@ async def test_s_client_renegotiation_allowed(cert_files: CertFiles) -> None:
         await _within(us.renegotiated)
         await _dataBothWays(client, us, "after")
         assert us.rekeyStats.renegotiations == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_s_client_http2_never_renegotiates(
+    cert_files: CertFiles, events: Events
+) -> None:
+    """
+    HTTP/2 over TLS 1.2 forbids renegotiation (RFC 9113, section 9.2.1):
+    once ALPN picked h2, our renegotiate() fails without a HelloRequest,
+    and the client's renegotiation is refused, even by a server that
+    allows them.
+    """
+    pem = cert_files.server.private_key_and_cert_chain_pem.bytes()
+    private = ssl.PrivateCertificate.loadPEM(pem)
+    options = ssl.CertificateOptions(
+        privateKey=private.privateKey.original,
+        certificate=private.original,
+        acceptableProtocols=[b"h2", b"http/1.1"],
+    )
+
+    def make(port: int) -> Any:
+        return OpenSSLClient(
+            cert_files, port, version="1.2", extra_args=["-alpn", "h2"]
+        )
+
+    async with _ourServer(make, cert_files, AllowingServer, options) as (client, us):
+        assert us.version == "TLSv1.2"
+        assert us.transport.negotiatedProtocol == b"h2"  # type: ignore[union-attr]
+        with pytest.raises(RenegotiationForbidden) as raised:
+            await _within(us.renegotiate())
+        assert raised.value.protocol == b"h2"
+        await _dataBothWays(client, us, "after")
+        assert "HelloRequest" not in client.output
+        await _tell(client.renegotiate)
+        await client.when_seen(
+            r"<<< TLS 1\.2, Alert \[length 0002\], warning no_renegotiation"
+        )
+        await _within(us.lostDeferred)
+        (refused,) = events.named("client_renegotiation_refused")
+        assert "HTTP/2" in refused["why"]
+        assert us.renegotiationsSeen == us.rekeyStats.renegotiations == 0
 
 
 class LimitedServer(AllowingServer):

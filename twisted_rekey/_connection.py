@@ -30,6 +30,7 @@ from ._policy import (
     RotationPolicy,
     RotationSchedule,
     client_renegotiation_refusal,
+    renegotiation_forbidden,
 )
 from .exceptions import (
     AlreadyInProgress,
@@ -41,6 +42,7 @@ from .exceptions import (
     OpenSSLCallError,
     PeerRefused,
     RekeyError,
+    RenegotiationForbidden,
     WrongProtocolVersion,
 )
 
@@ -225,6 +227,11 @@ def _is_server(conn: SSL.Connection) -> bool | None:
     return None if is_server is None else bool(is_server(_ssl(conn)))
 
 
+def application_protocol(conn: SSL.Connection) -> bytes | None:
+    """The protocol the handshake negotiated by ALPN, or ``None``."""
+    return conn.get_alpn_proto_negotiated() or None
+
+
 def _is_tls13(conn: SSL.Connection) -> bool:
     return bool(lib.SSL_version(_ssl(conn)) >= _TLS1_3_VERSION)
 
@@ -356,6 +363,11 @@ def _renegotiate(conn: SSL.Connection, name: str) -> None:
         raise WrongProtocolVersion(
             "TLS 1.3 has no renegotiation (use key_update() or rekey())", "TLSv1.3"
         )
+    alpn = application_protocol(conn)
+    forbidden = renegotiation_forbidden(alpn)
+    if forbidden is not None:
+        assert alpn is not None
+        raise RenegotiationForbidden(f"{name}: {forbidden}", alpn)
     if renegotiate_pending(conn):
         raise AlreadyInProgress(f"{name}: a renegotiation is already in progress")
     try:
@@ -426,6 +438,8 @@ def renegotiate(conn: SSL.Connection) -> None:
     :raises WrongProtocolVersion: on TLS 1.3.
     :raises AlreadyInProgress: while a renegotiation is pending.
     :raises InsecureRenegotiation: if the peer lacks RFC 5746 support.
+    :raises RenegotiationForbidden: if the connection negotiated an
+        application protocol (ALPN) that forbids renegotiation: HTTP/2.
     :raises ConnectionStateError: before the handshake completed, or after
         shutdown.
     :raises PeerRefused: if renegotiation is switched off on this
@@ -526,6 +540,23 @@ def allow_client_renegotiation(target: SSL.Context | SSL.Connection) -> None:
             "expected an OpenSSL.SSL.Context or Connection, "
             f"got {type(target).__name__}"
         )
+
+
+def forbid_renegotiation(conn: SSL.Connection) -> str | None:
+    """
+    Where the application protocol *conn* negotiated forbids renegotiation
+    (HTTP/2 over TLS 1.2), switch it off on this connection both ways
+    (``SSL_OP_NO_RENEGOTIATION``: the peer's attempts get a
+    ``no_renegotiation`` alert, even where client renegotiation was
+    allowed), and say why; else ``None`` and nothing changes.
+    """
+    if _is_tls13(conn):
+        return None
+    forbidden = renegotiation_forbidden(application_protocol(conn))
+    if forbidden is not None:
+        ssl = conn._ssl  # type: ignore[attr-defined]
+        lib.SSL_set_options(ssl, lib.SSL_OP_NO_RENEGOTIATION)
+    return forbidden
 
 
 # Looked up once: the per-write path calls it without going through super().
@@ -866,6 +897,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
             protocol=protocol_version(self),
             cipher=None if cipher is None else str(cipher),
             secure_renegotiation=secure,
+            application_protocol=application_protocol(self),
         )
         self._rekey_schedule = schedule
         is_server = _is_server(self)

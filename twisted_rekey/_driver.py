@@ -24,7 +24,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._connection import protocol_version, secure_renegotiation_support
+from ._connection import (
+    application_protocol,
+    protocol_version,
+    secure_renegotiation_support,
+)
 from ._policy import (
     RotationAction,
     RotationPolicy,
@@ -150,6 +154,7 @@ def startRotation(
             protocol=version,
             cipher=None if cipher is None else str(cipher),
             secure_renegotiation=secure,
+            application_protocol=application_protocol(conn),
         )
         scheduler = schedulerFor(clock, granularity or granularityFor(policy))
         driver = RotationDriver(rotator, clock, scheduler, schedule, log)

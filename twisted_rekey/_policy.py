@@ -89,6 +89,21 @@ _NAME_TOKENS = re.compile(r"[-_ ]+")
 _TLS13 = "TLSv1.3"
 _RENEGOTIABLE = frozenset({"TLSv1.2", "TLSv1.1", "TLSv1", "TLSv1.0", "SSLv3"})
 
+#: ALPN protocols whose specification forbids TLS renegotiation.
+_NO_RENEGOTIATION = {
+    b"h2": "HTTP/2 forbids TLS renegotiation (RFC 9113, section 9.2.1)",
+}
+
+
+def renegotiation_forbidden(application_protocol: bytes | None) -> str | None:
+    """
+    Why a connection that negotiated *application_protocol* (ALPN) must
+    never renegotiate, in a sentence; ``None`` if it may.
+    """
+    if not application_protocol:
+        return None
+    return _NO_RENEGOTIATION.get(bytes(application_protocol))
+
 
 def aead_record_limit(cipher_name: str | None) -> int | None:
     """
@@ -467,6 +482,7 @@ class RotationPolicy:
         protocol: str,
         cipher: str | None,
         secure_renegotiation: bool | None = None,
+        application_protocol: bytes | None = None,
     ) -> RotationSchedule:
         """
         Begin the schedule of one connection whose handshake just completed.
@@ -479,6 +495,9 @@ class RotationPolicy:
         :param secure_renegotiation: whether the peer supports secure
             renegotiation (RFC 5746); only read for TLS 1.2 and older, where
             anything but ``True`` disables rotation.
+        :param application_protocol: the protocol negotiated by ALPN
+            (``b"h2"``), or ``None``; only read for TLS 1.2 and older, where
+            one that forbids renegotiation (HTTP/2) disables rotation.
         :returns: the connection's schedule.  It may be disabled (see
             :attr:`RotationSchedule.disabled_reason`); a disabled schedule
             never asks for a rotation.
@@ -492,6 +511,7 @@ class RotationPolicy:
             protocol=protocol,
             cipher=cipher,
             secure_renegotiation=secure_renegotiation,
+            application_protocol=application_protocol,
         )
 
 
@@ -543,6 +563,7 @@ class RotationSchedule:
         protocol: str,
         cipher: str | None,
         secure_renegotiation: bool | None = None,
+        application_protocol: bytes | None = None,
     ) -> None:
         if not isinstance(protocol, str):
             raise TypeError(f"protocol must be a str, not {type(protocol).__name__}")
@@ -553,7 +574,12 @@ class RotationSchedule:
         if protocol == _TLS13:
             self._method = "key-update"
         elif protocol in _RENEGOTIABLE:
-            if secure_renegotiation:
+            forbidden = renegotiation_forbidden(application_protocol)
+            if forbidden is not None:
+                self._disabled_reason = (
+                    f"{protocol} rotates keys by renegotiation, and {forbidden}"
+                )
+            elif secure_renegotiation:
                 self._method = "renegotiation"
             elif secure_renegotiation is None:
                 self._disabled_reason = (

@@ -37,6 +37,7 @@ from ._connection import (
     OP_ALLOW_CLIENT_RENEGOTIATION,
     KeyUpdateType,
     _is_server,
+    forbid_renegotiation,
     get_key_update_type,
     handshake_complete,
     key_update,
@@ -823,6 +824,9 @@ class _Watcher:
         self.handshakeNoted = True
         if self.lastRotation is None:
             self.lastRotation = self.clock.seconds()
+        # HTTP/2 over TLS 1.2: no renegotiation either way, whatever the
+        # owner allows (the policy, told the protocol, stays off there).
+        forbid_renegotiation(self.conn)
         owner = self.owner
         if owner.rotationPolicy is not None and not self.lost:
             self.rotation = startRotation(
@@ -1267,8 +1271,10 @@ class RekeyProtocolMixin:
             the connection drops first,
             :class:`~twisted_rekey.WrongProtocolVersion` on TLS 1.3,
             :class:`~twisted_rekey.InsecureRenegotiation` if the peer lacks
-            RFC 5746, and :class:`~twisted_rekey.ConnectionStateError`
-            before the handshake or after ``loseConnection()``.
+            RFC 5746, :class:`~twisted_rekey.RenegotiationForbidden` on an
+            HTTP/2 connection (ALPN ``h2``), and
+            :class:`~twisted_rekey.ConnectionStateError` before the
+            handshake or after ``loseConnection()``.
 
         .. versionadded:: 0.1.0
         """

@@ -20,13 +20,14 @@ from twisted.internet.defer import Deferred, fail
 
 from ._binding import lib
 from ._connection import (
+    application_protocol,
     handshake_complete,
     protocol_version,
     renegotiate,
     renegotiate_abbreviated,
     renegotiate_pending,
 )
-from ._policy import KeyUpdateCounter
+from ._policy import KeyUpdateCounter, renegotiation_forbidden
 from ._twistedtls import (
     bufferApplicationData,
     hasBufferedApplicationData,
@@ -202,9 +203,11 @@ class _Renegotiation:
 
         if self.refusedByUs:
             self.refusedByUs = False
+            why = renegotiation_forbidden(application_protocol(watcher.conn))
             log.info(
-                "refused a client-initiated renegotiation (not allowed)",
+                "refused a client-initiated renegotiation ({why})",
                 rekey_event="client_renegotiation_refused",
+                why="not allowed" if why is None else why,
             )
         if self.refused and not self.refusedLogged:
             self.refusedLogged = True

@@ -26,6 +26,7 @@ __all__ = [
     "PeerRefused",
     "RekeyError",
     "RekeyTimeout",
+    "RenegotiationForbidden",
     "RenegotiationRateLimited",
     "RotationRateLimited",
     "WrongProtocolVersion",
@@ -98,6 +99,23 @@ class InsecureRenegotiation(RekeyError):
 
     .. versionadded:: 0.1.0
     """
+
+
+class RenegotiationForbidden(RekeyError):
+    """
+    The application protocol the connection negotiated (ALPN) forbids TLS
+    renegotiation: HTTP/2 over TLS 1.2 (RFC 9113, section 9.2.1, where a
+    client treats a renegotiation as a connection error).  Nothing was sent;
+    such a connection cannot rotate its keys without reconnecting.
+
+    :ivar protocol: the negotiated ALPN protocol, such as ``b"h2"``.
+
+    .. versionadded:: 0.2.0
+    """
+
+    def __init__(self, message: str, protocol: bytes) -> None:
+        super().__init__(message)
+        self.protocol = protocol
 
 
 class ConnectionStateError(RekeyError):
