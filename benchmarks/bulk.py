@@ -167,7 +167,7 @@ class WatchedSource(RekeyProtocolMixin, Source):
         # bare call does.
         watcher = self._rekeyWatcher
         assert watcher is not None
-        watcher.outbound = KeyUpdateCounter(None, None)
+        watcher.keyUpdates().outbound = KeyUpdateCounter(None, None)
         Source.handshakeCompleted(self)
 
     #: Our requests whose answer has not arrived yet.

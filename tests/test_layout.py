@@ -164,9 +164,10 @@ LAYERS = {
     "_twistedtls": 4,
     # the policy's driver, below the mixin: it talks to a Rotator
     "_driver": 5,
-    # the Deferreds waiting on the peer, and the TLS 1.2 renegotiation
-    # state the mixin's watcher makes on first need
+    # the Deferreds waiting on the peer; the KeyUpdate and the TLS 1.2
+    # renegotiation state the mixin's watcher makes on first need
     "_waiter": 5,
+    "_keyupdates": 6,
     "_renegotiation": 6,
     "_protocol": 7,
     "_rotation": 8,

@@ -248,8 +248,9 @@ def test_requests_in_a_loop_are_bounded(cert_files: Any) -> None:
     calls = [_result(pair.client.keyUpdate(requestPeer=True)) for _ in range(10000)]
     watcher = pair.client._rekeyWatcher
     assert watcher is not None
-    assert len(watcher.peerWaiters) <= MAX_WAITERS
-    assert len(watcher.heldUpdates) <= MAX_WAITERS
+    updates = watcher.keyUpdates()
+    assert len(updates.peerWaiters) <= MAX_WAITERS
+    assert len(updates.heldUpdates) <= MAX_WAITERS
     refused = [c[0] for c in calls if c]
     assert len(refused) >= 10000 - 2 * MAX_WAITERS
     assert all(f.check(AlreadyInProgress, RotationRateLimited) for f in refused)
@@ -260,7 +261,7 @@ def test_requests_in_a_loop_are_bounded(cert_files: Any) -> None:
         pair.clock.advance(0.5)
     pair.pump.flush()
     assert all(c == [None] for c in waiting)
-    assert not watcher.peerWaiters and not watcher.heldUpdates
+    assert not updates.peerWaiters and not updates.heldUpdates
     assert pair.server.updates[0] is True
     assert pair.client.lost is None and pair.server.lost is None
 

@@ -26,7 +26,7 @@ from time import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -35,17 +35,14 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 from ._binding import ffi, lib
 from ._connection import (
     OP_ALLOW_CLIENT_RENEGOTIATION,
-    KeyUpdateType,
     _is_server,
     forbid_renegotiation,
-    get_key_update_type,
     handshake_complete,
-    key_update,
 )
 from ._driver import RotationDriver, startRotation
 from ._infocallback import countReceived, infoCallbackFor
 from ._interfaces import IRekeyable
-from ._policy import KeyUpdateCounter
+from ._keyupdates import _KeyUpdates
 from ._renegotiation import _Renegotiation
 from ._twistedtls import (
     aborted,
@@ -61,15 +58,10 @@ from ._twistedtls import (
     shutdownTLS,
     tlsConnection,
 )
-from ._waiter import MAX_WAITERS, _Waiter
 from .exceptions import (
-    AlreadyInProgress,
     ConnectionStateError,
-    FunctionUnavailable,
-    KeyUpdateFlood,
     PeerRefused,
     RekeyError,
-    RotationRateLimited,
 )
 
 if TYPE_CHECKING:
@@ -211,33 +203,6 @@ def _scratch() -> Any:
     return _scratchBuffer[0]
 
 
-#: At most one event of each kind about the peer's KeyUpdates per this many
-#: seconds and connection; the events between are counted in the next one.
-LOG_INTERVAL = 1.0
-
-
-class _Throttle:
-    """
-    Lets one log event through per :data:`LOG_INTERVAL`, counting the ones
-    held back, so that no peer can make the log grow faster than that.
-    """
-
-    __slots__ = ("held", "last")
-
-    def __init__(self) -> None:
-        #: Counted and not reported yet.
-        self.held = 0
-        self.last = -LOG_INTERVAL
-
-    def due(self, now: float, n: int = 1) -> bool:
-        """Count *n* events; whether to report :attr:`held` now."""
-        self.held += n
-        if now - self.last < LOG_INTERVAL:
-            return False
-        self.last = now
-        return True
-
-
 @dataclass(frozen=True)
 class RekeyStats:
     """
@@ -276,20 +241,17 @@ class RekeyStats:
 class _Watcher:
     """
     Everything the mixin keeps per connection: the info callback, the
-    wrappers around the TLS protocol's read, write and loss, the counters,
-    the guards against a flooding peer and the Deferreds waiting on its
-    KeyUpdate.  A TLS 1.2 connection's renegotiations have their own
-    object (:class:`~twisted_rekey._renegotiation._Renegotiation`), made
-    on first need.
+    wrappers around the TLS protocol's read, write and loss, the byte
+    counts and the close.  A connection's KeyUpdates
+    (:class:`~twisted_rekey._keyupdates._KeyUpdates`: the flood guard, the
+    sending rate, the callers waiting on the peer) and its TLS 1.2
+    renegotiations (:class:`~twisted_rekey._renegotiation._Renegotiation`)
+    have their own objects, made on first need.
     """
 
-    # One per connection, with some sixty fields: as a dict (past the 30
-    # keys CPython shares between instances) it took ~1.6 KiB a connection.
+    # One per connection: as a dict (past the 30 keys CPython shares
+    # between instances) it took ~1.6 KiB a connection.
     __slots__ = (
-        "answerDue",
-        "answeredLog",
-        "bytesAtLastSent",
-        "bytesAtLastUpdate",
         "bytesReceived",
         "bytesReceivedMark",
         "bytesSent",
@@ -300,30 +262,17 @@ class _Watcher:
         "closeTimer",
         "conn",
         "dirty",
-        "floodReason",
         "handshakeNoted",
-        "heldUpdates",
-        "inbound",
         "initialDone",
         "isClient",
-        "lastRequested",
         "lastRotation",
         "log",
         "lost",
-        "outbound",
         "owner",
-        "peerUpdates",
-        "peerWaiters",
         "previousErrors",
-        "received",
-        "receivedLog",
         "reneg",
         "renegotiations",
-        "requestOutstanding",
-        "requested",
-        "requestsUnlogged",
         "rotation",
-        "sent",
         "tls",
         "tlsBufferedWrite",
         "tlsConnectionLost",
@@ -331,6 +280,7 @@ class _Watcher:
         "tlsShutdownTLS",
         "tlsWrite",
         "tripped",
+        "updates",
     )
 
     def __init__(
@@ -355,9 +305,6 @@ class _Watcher:
         self.isClient: bool | None = None if isServer is None else not isServer
         self.lost = False
 
-        self.sent = 0
-        self.received = 0
-        self.requested = 0
         self.renegotiations = 0
         self.bytesSent = 0
         self.bytesReceived = 0
@@ -369,10 +316,9 @@ class _Watcher:
         self.handshakeNoted = False
         # The owner's rotationPolicy at work, from the handshake on.
         self.rotation: RotationDriver | None = None
-        self.requestOutstanding = False
-        # The lists below are made on first use, empty tuples until then:
-        # most connections never need one, and each costs 56 bytes.
-        self.peerWaiters: list[_Waiter] | tuple[()] = ()
+        # TLS 1.3 KeyUpdates, made the first time one is sent, read or
+        # asked for: see keyUpdates().
+        self.updates: _KeyUpdates | None = None
         # TLS 1.2 renegotiations, made the first time one is started or
         # asked for: see renegotiation().
         self.reneg: _Renegotiation | None = None
@@ -380,34 +326,12 @@ class _Watcher:
         # Filled by the info callback (inside SSL_read/SSL_do_handshake),
         # acted on by _process() once the TLS protocol's read has returned.
         self.dirty = False
-        self.peerUpdates: list[bool] | tuple[()] = ()
         self.callbackErrors: tuple[BaseException, ...] = ()
         # From the callback we chain to: logged, never fatal (without us,
         # cffi would have printed and ignored them).
         self.previousErrors: tuple[BaseException, ...] = ()
-        # The flood guard: the peer's unasked KeyUpdates, checked as each
-        # one is read (the same counter bounds what we send).  This and the
-        # two counters below are made with the first event they count.
-        self.inbound: KeyUpdateCounter | None = None
-        # Every KeyUpdate of ours on the wire, answers included.
-        self.outbound: KeyUpdateCounter | None = None
-        # bytesReceived (bytesSent) when the last KeyUpdate was read
-        # (sent): the data path keeps one counter only, the KeyUpdate path
-        # compares.
-        self.bytesAtLastUpdate = 0
-        self.bytesAtLastSent = 0
-        # The answer to our own update_requested is still to come: asked
-        # for, so never counted by the guard.
-        self.answerDue = False
-        self.floodReason: str | None = None
         # Set once a guard tripped: nothing more from this peer is read.
         self.tripped = False
-        self.receivedLog = _Throttle()
-        self.answeredLog = _Throttle()
-        self.requestsUnlogged = 0
-        self.lastRequested = False
-        # The application's KeyUpdates waiting for the sending rate.
-        self.heldUpdates: list[tuple[Any, Deferred[None]]] | tuple[()] = ()
         # loseConnection() met a handshake in progress: close once it ends.
         self.closeAfterHandshake = False
         self.closeTimer: Any = None
@@ -465,41 +389,13 @@ class _Watcher:
         if where & _CB_LOOP:
             state = _string(_stateStringLong(ssl))
             if state.endswith(b"key update"):
+                updates = self.updates
+                if updates is None:
+                    updates = self.updates = _KeyUpdates(self)
                 if b" read " in state:
-                    # Right after reading it, a pending update_not_requested
-                    # on our side means the peer asked us to answer.
-                    try:
-                        requested = (
-                            get_key_update_type(self.conn)
-                            == KeyUpdateType.NOT_REQUESTED
-                        )
-                    except FunctionUnavailable:
-                        # Unknown in this build; OpenSSL still answers a
-                        # request with our next write.
-                        requested = False
-                    updates = self.peerUpdates
-                    if isinstance(updates, list):
-                        updates.append(requested)
-                    else:
-                        self.peerUpdates = [requested]
-                    self.dirty = True
-                    if self.answerDue:
-                        # The answer to our request: asked for, not counted.
-                        self.answerDue = False
-                    else:
-                        self.checkRate()
+                    updates.read()
                 elif b" write " in state:
-                    self.sent += 1
-                    self.bytesSentMark = self.bytesSent
-                    now = self.clock.seconds()
-                    self.lastRotation = now
-                    outbound = self.outbound
-                    if outbound is None:
-                        outbound = self.outbound = KeyUpdateCounter.for_sending()
-                    if self.bytesSent != self.bytesAtLastSent:
-                        self.bytesAtLastSent = self.bytesSent
-                        outbound.data()
-                    outbound.add(now)
+                    updates.wrote()
         if where & _CB_HANDSHAKE_START and self.initialDone:
             self.renegotiation().started()
             self.dirty = True
@@ -512,25 +408,6 @@ class _Watcher:
         if where & _CB_ALERT and (ret & 0xFF) == _ALERT_NO_RENEGOTIATION:
             self.renegotiation().alerted(byPeer=bool(where & _CB_READ))
             self.dirty = True
-
-    def checkRate(self) -> None:
-        """
-        Count one unasked KeyUpdate from the peer; past a bound, stop
-        reading from it at once.
-        """
-        inbound = self.inbound
-        if inbound is None:
-            owner = self.owner
-            inbound = self.inbound = KeyUpdateCounter(
-                owner.keyUpdateRateLimit, owner.keyUpdateFloodLimit
-            )
-        if self.bytesReceived != self.bytesAtLastUpdate:
-            self.bytesAtLastUpdate = self.bytesReceived
-            inbound.data()
-        reason = inbound.add(self.clock.seconds())
-        if reason is not None and self.floodReason is None:
-            self.floodReason = reason
-            self.trip()
 
     def trip(self) -> None:
         """
@@ -654,7 +531,8 @@ class _Watcher:
         # What the throttled events held back goes out before the
         # application hears of the loss, so that a log line it writes then
         # (the plugins' "closed: ...") comes after them, as on the wire.
-        self.logHeld()
+        if self.updates is not None:
+            self.updates.logHeld()
         try:
             self.tlsConnectionLost(self.tls, reason)
         finally:
@@ -673,29 +551,23 @@ class _Watcher:
             self.reneg.stop()
         if self.dirty:
             self.processEvents(answer=False)
-        # What the throttled events held back, once, so that the log adds
-        # up to the connection's figures.
-        self.logHeld()
         reneg = self.reneg
         if reneg is not None and reneg.refused:
             message = "the peer refused to renegotiate (no_renegotiation alert)"
         else:
             message = "the connection was lost before the rekey completed"
-        renegWaiters = () if reneg is None else reneg.waiters
-        for waiter in [*self.peerWaiters, *renegWaiters]:
-            error = PeerRefused(message)
-            error.__cause__ = reason.value
-            waiter.fail(error)
-        held, self.heldUpdates = self.heldUpdates, ()
-        for call, deferred in held:
-            if call.active():
-                call.cancel()
-            error = PeerRefused("the connection was lost before the KeyUpdate was sent")
-            error.__cause__ = reason.value
-            deferred.errback(error)
-        self.peerWaiters = ()
+        updates = self.updates
+        if updates is not None:
+            # What the throttled events held back, once, so that the log
+            # adds up to the connection's figures.
+            updates.logHeld()
+            updates.lost(message, reason)
         if reneg is not None:
-            reneg.waiters = ()
+            waiters, reneg.waiters = reneg.waiters, ()
+            for waiter in list(waiters):
+                error = PeerRefused(message)
+                error.__cause__ = reason.value
+                waiter.fail(error)
 
     # -- after the read: act on what the callback recorded
 
@@ -728,50 +600,19 @@ class _Watcher:
         if self.tripped and not self.lost:
             # Before anything the read recorded: a peer past a bound gets
             # no answer, no hook call and no more of our CPU.
-            self.received += len(self.peerUpdates)
-            self.peerUpdates = ()
-            flood, self.floodReason = self.floodReason, None
+            updates = self.updates
+            flood = None if updates is None else updates.discard()
             tripping = self.reneg
             abuse = None if tripping is None else tripping.discard()
-            if flood is not None:
-                self.log.warn(
-                    "dropping a peer that floods KeyUpdates: {reason}",
-                    rekey_event="key_update_flood",
-                    reason=flood,
-                )
-                self.drop(KeyUpdateFlood(flood))
+            if updates is not None and flood is not None:
+                updates.dropFlooder(flood)
             else:
                 self.renegotiation().dropRenegotiator(abuse or "a guard tripped")
             return
 
-        updates, self.peerUpdates = self.peerUpdates, ()
-        if updates:
-            # Logged in wire order, what the peer sent before our answer;
-            # throttled, with the counts of what was not logged one by one.
-            self.requestsUnlogged += sum(updates)
-            self.lastRequested = updates[-1]
-            if self.receivedLog.due(self.clock.seconds(), len(updates)):
-                self.logReceived(self.received + len(updates))
-        if updates and answer and any(updates) and not self.closing():
-            self.answer()
-        fire: list[_Waiter] = []
-        for requested in updates:
-            self.received += 1
-            self.bytesReceivedMark = self.bytesReceived
-            self.lastRotation = self.clock.seconds()
-            if self.rotation is not None:
-                self.rotation.peerRotated(requested)
-            if self.requestOutstanding:
-                self.requestOutstanding = False
-                fire += self.peerWaiters
-                self.peerWaiters = ()
-            self.callHook(self.owner.keyUpdateReceived, requested)
-        # After every hook: code waiting on the Deferred must find the
-        # application's own bookkeeping of these updates done, and a new
-        # request it sends must not be "answered" by an older update of
-        # this same read.
-        for waiter in fire:
-            waiter.succeed()
+        updates = self.updates
+        if updates is not None and updates.peerUpdates:
+            updates.process(answer)
 
         reneg = self.reneg
         if reneg is not None and reneg.process():
@@ -782,33 +623,6 @@ class _Watcher:
             # (shutdownTLS() waits again if not).
             self.closeAfterHandshake = False
             shutdownTLS(self.tls)
-
-    def logReceived(self, count: int) -> None:
-        # Throttled: one event for what arrived since the last one.
-        held, self.receivedLog.held = self.receivedLog.held, 0
-        requests, self.requestsUnlogged = self.requestsUnlogged, 0
-        self.log.info(
-            "peer sent {updates} KeyUpdate(s), {requests} with update_requested",
-            rekey_event="key_update_received",
-            requested=self.lastRequested,
-            updates=held,
-            requests=requests,
-            count=count,
-        )
-
-    def logHeld(self) -> None:
-        if self.receivedLog.held:
-            self.logReceived(self.received)
-        if self.answeredLog.held:
-            self.logAnswered()
-
-    def logAnswered(self) -> None:
-        held, self.answeredLog.held = self.answeredLog.held, 0
-        self.log.info(
-            "answered {answers} KeyUpdate request(s) of the peer",
-            rekey_event="key_update_answered",
-            answers=held,
-        )
 
     def callHook(self, hook: Callable[..., object], *args: object) -> None:
         try:
@@ -840,28 +654,6 @@ class _Watcher:
                 log=self.log,
             )
 
-    def answer(self) -> None:
-        """
-        Send the answer the peer asked for, unless an application write in
-        the same read already carried it.
-        """
-        try:
-            if get_key_update_type(self.conn) != KeyUpdateType.NOT_REQUESTED:
-                return
-        except FunctionUnavailable:
-            return  # nor can we send it; OpenSSL answers with our next write
-        try:
-            key_update(self.conn, False)
-        except (RekeyError, SSL.Error):
-            self.log.failure(
-                "could not answer the peer's KeyUpdate",
-                rekey_event="key_update_answer_failed",
-            )
-            return
-        self.flush()
-        if self.answeredLog.due(self.clock.seconds()):
-            self.logAnswered()
-
     # -- our own rotations
 
     def closing(self) -> bool:
@@ -879,148 +671,6 @@ class _Watcher:
                 "twisted_rekey cannot send a handshake message while idle"
             )
 
-    def keyUpdate(
-        self,
-        requestPeer: bool,
-        timeout: float | None,
-        reason: str,
-        policy: bool = False,
-    ) -> Deferred[None]:
-        """
-        Send a KeyUpdate, or hold it until the sending rate allows it.
-        With *policy*, the rotation driver asked for it: it is not told.
-        """
-        if requestPeer and len(self.peerWaiters) >= MAX_WAITERS:
-            # Calls in a loop must not grow memory: a few callers share
-            # the outstanding answer, the rest are told to wait for it.
-            return fail(
-                AlreadyInProgress(
-                    f"{MAX_WAITERS} calls already wait for the peer's answer "
-                    "to our KeyUpdate request: wait for one of their Deferreds"
-                )
-            )
-        try:
-            if self.closing():
-                raise ConnectionStateError(
-                    "keyUpdate() after loseConnection() or connection loss"
-                )
-            delay = self.sendDelay()
-            if delay > 0:
-                return self.holdKeyUpdate(delay, requestPeer, timeout, reason, policy)
-            self.sendKeyUpdate(requestPeer, reason, policy)
-        except Exception:
-            return fail()
-        if not requestPeer:
-            return succeed(None)
-        if not isinstance(self.peerWaiters, list):
-            self.peerWaiters = []
-        return _Waiter(self, self.peerWaiters, timeout, "the peer's KeyUpdate").deferred
-
-    def sendDelay(self) -> float:
-        """
-        Seconds until one more KeyUpdate of ours stays within what peers
-        accept (KEY_UPDATE_RATE_SENT, KEY_UPDATES_IN_A_ROW_SENT, counted on
-        every KeyUpdate we send, answers included): 0 for now.
-
-        :raises RotationRateLimited: when only application data sent by us
-            can allow one.
-        """
-        outbound = self.outbound
-        if outbound is None:
-            return 0.0  # nothing sent yet
-        now = self.clock.seconds()
-        if self.bytesSent != self.bytesAtLastSent:
-            self.bytesAtLastSent = self.bytesSent
-            outbound.data()
-        allowed = outbound.next_allowed(now)
-        if allowed is None:
-            raise RotationRateLimited(
-                "another KeyUpdate now would exceed what peers accept (too "
-                "many in a row without application data sent)"
-            )
-        return float(allowed - now)
-
-    def holdKeyUpdate(
-        self,
-        delay: float,
-        requestPeer: bool,
-        timeout: float | None,
-        reason: str,
-        policy: bool,
-    ) -> Deferred[None]:
-        """
-        The application's KeyUpdate, held until the sending rate allows it;
-        at most MAX_WAITERS held at a time.
-        """
-        if len(self.heldUpdates) >= MAX_WAITERS:
-            raise RotationRateLimited(
-                f"another KeyUpdate now would exceed what peers accept (too "
-                f"many within a second), and {MAX_WAITERS} already wait for "
-                f"the rate to allow them; possible again in {delay:.3f} s"
-            )
-
-        queue = self.heldUpdates
-        if not isinstance(queue, list):
-            queue = self.heldUpdates = []
-
-        def cancel(_: object) -> None:
-            if entry in queue:
-                queue.remove(entry)
-            if call.active():
-                call.cancel()
-
-        def release() -> None:
-            queue.remove(entry)
-            self.keyUpdate(requestPeer, timeout, reason, policy).chainDeferred(held)
-
-        held: Deferred[None] = Deferred(cancel)
-        call = self.clock.callLater(delay, release)
-        entry = (call, held)
-        queue.append(entry)
-        return held
-
-    def sendKeyUpdate(
-        self, requestPeer: bool, reason: str, policy: bool = False
-    ) -> None:
-        """
-        :meth:`keyUpdate` up to the wait for the peer's answer: raises what
-        its Deferred would fail with.
-        """
-        if self.closing():
-            raise ConnectionStateError(
-                "keyUpdate() after loseConnection() or connection loss"
-            )
-        # Never two update_requested outstanding (openssl#32283): a second
-        # request while one is unanswered rotates our keys again without
-        # asking, and waits for the same answer.
-        send = requestPeer and not self.requestOutstanding
-        self.flushApplication()
-        # Whatever asks (a policy, the application), no KeyUpdate of ours
-        # goes past the bounds peers enforce.
-        delay = self.sendDelay()
-        if delay > 0:
-            raise RotationRateLimited(
-                "another KeyUpdate now would exceed what peers accept (too "
-                f"many within a second); possible again in {delay:.3f} s"
-            )
-        key_update(self.conn, send)
-        self.flush()
-        if send:
-            self.requestOutstanding = True
-            self.answerDue = True
-            self.requested += 1
-        if self.rotation is not None and not policy:
-            # A new key the policy did not ask for (the application's own
-            # keyUpdate()): its counters start again from here.
-            self.rotation.keyUpdateSent(send)
-        self.log.info(
-            "sent a KeyUpdate (update_requested={requested}, reason: {reason})",
-            rekey_event="key_update_sent",
-            requested=send,
-            waitingForPeer=requestPeer,
-            reason=reason,
-        )
-
     def rekeyNow(
         self,
         requestPeer: bool,
@@ -1030,7 +680,9 @@ class _Watcher:
     ) -> Deferred[None]:
         # SSL_version() == TLS1_3_VERSION is protocol_version() == "TLSv1.3".
         if lib.SSL_version(self.conn._ssl) == _TLS1_3_VERSION:
-            return self.keyUpdate(bool(requestPeer), timeout, reason, policy)
+            return self.keyUpdates().keyUpdate(
+                bool(requestPeer), timeout, reason, policy
+            )
         return self.renegotiation().renegotiate(False, timeout, reason, policy)
 
     def rotate(
@@ -1051,8 +703,15 @@ class _Watcher:
             return self.rekeyNow(requestPeer, timeout, reason, policy=True)
         if requestPeer:
             return self.rekeyNow(requestPeer, timeout, reason, policy=True)
-        self.sendKeyUpdate(False, reason, policy=True)
+        self.keyUpdates().send(False, reason, policy=True)
         return None
+
+    def keyUpdates(self) -> _KeyUpdates:
+        """This connection's KeyUpdate state, made on first need."""
+        updates = self.updates
+        if updates is None:
+            updates = self.updates = _KeyUpdates(self)
+        return updates
 
     def renegotiation(self) -> _Renegotiation:
         """This connection's renegotiation state, made on first need."""
@@ -1075,10 +734,11 @@ class _Watcher:
 
     def stats(self) -> RekeyStats:
         now = self.clock.seconds()
+        updates = self.updates
         return RekeyStats(
-            keyUpdatesSent=self.sent,
-            keyUpdatesReceived=self.received,
-            keyUpdatesRequested=self.requested,
+            keyUpdatesSent=0 if updates is None else updates.sent,
+            keyUpdatesReceived=0 if updates is None else updates.received,
+            keyUpdatesRequested=0 if updates is None else updates.requested,
             renegotiations=self.renegotiations,
             bytesSent=self.bytesSent,
             bytesReceived=self.bytesReceived,
@@ -1250,7 +910,9 @@ class RekeyProtocolMixin:
         .. versionadded:: 0.1.0
         """
         return self._rekeyCall(
-            lambda w: w.keyUpdate(bool(requestPeer), timeout, "application")
+            lambda w: w.keyUpdates().keyUpdate(
+                bool(requestPeer), timeout, "application"
+            )
         )
 
     def renegotiate(
