@@ -45,13 +45,21 @@ def _modules() -> dict[str, ast.Module]:
 
 def _attributes(tree: ast.AST) -> set[str]:
     """
-    Attribute names the module reads or sets: ``x.name`` and the constant
-    name given to ``getattr``/``setattr``/``hasattr``.
+    Attribute names the module reads or sets: ``x.name``, the constant
+    name given to ``getattr``/``setattr``/``hasattr``, and any string
+    constant spelled as a private name (a table of names to route).
     """
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
             names.add(node.attr)
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.startswith("_")
+            and node.value.isidentifier()
+        ):
+            names.add(node.value)
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
@@ -127,13 +135,16 @@ def test_only_twistedtls_reads_the_factory_clock() -> None:
 def test_only_infocallback_counts_recv() -> None:
     # Assigning conn.recv or conn.__class__: the one place counting what a
     # Connection's recv returns (for the Twisted layer, on any Connection).
+    # The other class swap, of the TLS protocol, is _twistedtls's.
+    owners = {"recv": {"_infocallback.py"}}
+    owners["__class__"] = owners["recv"] | {"_twistedtls.py"}
     offenders = []
     for name, tree in _modules().items():
-        if name == "_infocallback.py":
-            continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Attribute) and t.attr in ("recv", "__class__")
+                isinstance(t, ast.Attribute)
+                and t.attr in owners
+                and name not in owners[t.attr]
                 for t in node.targets
             ):
                 offenders.append((name, node.lineno))

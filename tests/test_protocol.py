@@ -34,6 +34,7 @@ from twisted_rekey import (
     RenegotiationRateLimited,
     RotationRateLimited,
     WrongProtocolVersion,
+    _twistedtls,
     get_key_update_type,
     key_update,
 )
@@ -1086,6 +1087,82 @@ def test_connection_gains_one_attribute_and_keeps_its_class(cert_files: Any) -> 
     assert type(other.server.transport._tlsConnection) is type(  # type: ignore[union-attr]
         pair.server.transport._tlsConnection  # type: ignore[union-attr]
     )
+
+
+def test_tls_protocol_gains_one_attribute_and_keeps_its_class(
+    cert_files: Any,
+) -> None:
+    """
+    The watched TLS protocol carries one attribute of ours (its watcher)
+    and stays an instance of a subclass of its own class, named as it, that
+    routes the five methods the watcher wraps: five bound methods set on
+    the instance would cost ~400 bytes a connection.  The subclass is made
+    once per class.
+    """
+    pair = Pair(cert_files)
+    plainPair = iosim.connectedServerAndClient(
+        lambda: TLSMemoryBIOFactory(
+            server_options(cert_files, "1.3"),
+            False,
+            protocol.Factory.forProtocol(protocol.Protocol),
+            task.Clock(),
+        ).buildProtocol(None),
+        lambda: TLSMemoryBIOFactory(
+            client_options(cert_files),
+            True,
+            protocol.Factory.forProtocol(protocol.Protocol),
+            task.Clock(),
+        ).buildProtocol(None),
+    )
+    plainPair[2].flush()
+    plain: Any = plainPair[1]
+    for peer in (pair.client, pair.server):
+        tls: Any = peer.transport
+        assert set(tls.__dict__) - set(plain.__dict__) == {"_rekeyTLSWatcher"}
+        assert isinstance(tls, type(plain))
+        assert type(tls).__mro__[1] is type(plain)
+        assert type(tls).__name__ == type(plain).__name__
+    pair.client.transport.write(b"x" * 50_000)  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert pair.client.rekeyStats.bytesSent == 50_000
+    assert bytes(pair.server.received) == b"x" * 50_000
+    assert _result(pair.client.keyUpdate()) == [None]
+    pair.pump.flush()
+    assert pair.server.rekeyStats.keyUpdatesReceived == 1
+    other = Pair(cert_files)
+    assert type(other.server.transport) is type(pair.server.transport)
+
+
+def test_tls_protocol_refusing_a_new_class_is_patched_on_the_instance(
+    cert_files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Where the TLS protocol's instances refuse a new ``__class__``, the five
+    methods are replaced on the instance, and everything still works.
+    """
+
+    def incompatible(base: type) -> type:
+        # Another layout: CPython refuses to assign it as the __class__.
+        return type(base.__name__, (base,), {"__slots__": ("extra",)})
+
+    monkeypatch.setattr(_twistedtls, "_watchedClass", incompatible)
+    pair = Pair(cert_files)
+    tls: Any = pair.server.transport
+    assert type(tls) is TLSMemoryBIOFactory.protocol
+    assert {"dataReceived", "connectionLost", "_write"} <= set(tls.__dict__)
+    pair.client.transport.write(b"y" * 20_000)  # type: ignore[union-attr]
+    tls.write(b"z" * 10_000)
+    pair.pump.flush()
+    assert bytes(pair.server.received) == b"y" * 20_000
+    assert pair.server.rekeyStats.bytesSent == 10_000
+    answered = _result(pair.server.keyUpdate(requestPeer=True))
+    pair.pump.flush()
+    assert answered == [None]
+    assert pair.client.rekeyStats.keyUpdatesReceived == 1
+    assert pair.server.rekeyStats.keyUpdatesReceived == 1
+    pair.client.transport.loseConnection()  # type: ignore[union-attr]
+    pair.pump.flush()
+    assert pair.server.lost is not None
 
 
 def test_tls_method_shadowed_before_us_is_kept(cert_files: Any) -> None:

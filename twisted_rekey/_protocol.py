@@ -355,14 +355,7 @@ class _Watcher:
             self.tlsWrite,
             self.tlsBufferedWrite,
             self.tlsShutdownTLS,
-        ) = patchTLS(
-            tls,
-            self.dataReceived,
-            self.connectionLost,
-            self.write,
-            self.bufferedWrite,
-            self.shutdownTLS,
-        )
+        ) = patchTLS(tls, self)
         # Counted where the bytes leave OpenSSL, so that nothing is set on
         # the application's protocol (which may be a proxy that swaps what
         # it forwards to, as Site's HTTP/2 switch).

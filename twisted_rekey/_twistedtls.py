@@ -86,52 +86,117 @@ def factoryClock(tls: Any) -> Any:
     return getattr(tls.factory, "_clock", None)
 
 
+#: What the watcher routes through it: the TLS protocol's method, and the
+#: watcher's method that replaces it.
 _PATCHED = (
-    "dataReceived",
-    "connectionLost",
-    "_write",
-    "_bufferedWrite",
-    "_shutdownTLS",
+    ("dataReceived", "dataReceived"),
+    ("connectionLost", "connectionLost"),
+    ("_write", "write"),
+    ("_bufferedWrite", "bufferedWrite"),
+    ("_shutdownTLS", "shutdownTLS"),
 )
+
+
+# The methods of a watched TLS protocol's class (see patchTLS): each goes to
+# the watcher, the one attribute of ours on the instance.  On the data path,
+# hence written out.
+def _dataReceived(self: Any, data: bytes) -> None:
+    self._rekeyTLSWatcher.dataReceived(data)
+
+
+def _connectionLost(self: Any, reason: Failure) -> None:
+    self._rekeyTLSWatcher.connectionLost(reason)
+
+
+def _write(self: Any, data: bytes) -> None:
+    self._rekeyTLSWatcher.write(data)
+
+
+def _bufferedWrite(self: Any, data: bytes) -> None:
+    self._rekeyTLSWatcher.bufferedWrite(data)
+
+
+def _shutdownTLS(self: Any) -> None:
+    self._rekeyTLSWatcher.shutdownTLS()
+
+
+_ROUTED = {
+    "dataReceived": _dataReceived,
+    "connectionLost": _connectionLost,
+    "_write": _write,
+    "_bufferedWrite": _bufferedWrite,
+    "_shutdownTLS": _shutdownTLS,
+}
+
+#: Each TLS protocol class, and its watched subclass (the subclass maps to
+#: itself).
+_watched: dict[type, type] = {}
+
+
+def _watchedClass(base: type) -> type:
+    """
+    The subclass of *base* whose methods in :data:`_PATCHED` go to the
+    instance's watcher, named as *base* (``isinstance`` unchanged), one per
+    class.
+    """
+    cls = _watched.get(base)
+    if cls is None:
+        namespace: dict[str, Any] = {
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+            **_ROUTED,
+        }
+        cls = type(base.__name__, (base,), namespace)
+        _watched[base] = _watched[cls] = cls
+    return cls
 
 
 def _callBound(method: Callable[..., Any], tls: Any, *args: Any) -> Any:
     return method(*args)
 
 
-def _unbound(tls: Any, name: str) -> Callable[..., Any]:
+def _unbound(tls: Any, base: type, name: str) -> Callable[..., Any]:
     # The class's function, called with the TLS protocol first: a bound
     # method kept per connection would cost 64 bytes each.  What an
     # instance attribute already replaced is kept as it is.
     shadowing = tls.__dict__.get(name)
     if shadowing is not None:
         return partial(_callBound, shadowing)
-    return cast("Callable[..., Any]", getattr(type(tls), name))
+    return cast("Callable[..., Any]", getattr(base, name))
 
 
-def patchTLS(
-    tls: Any,
-    dataReceived: Callable[[bytes], None],
-    connectionLost: Callable[[Any], None],
-    write: Callable[[bytes], None],
-    bufferedWrite: Callable[[bytes], None],
-    shutdown: Callable[[], None],
-) -> tuple[Callable[..., Any], ...]:
+def patchTLS(tls: Any, watcher: object) -> tuple[Callable[..., Any], ...]:
     """
     Route the TLS protocol's read, loss, write, re-buffered write and
-    shutdown through the given callables, for this connection only
-    (instance attributes shadow the class's methods, as
-    ``BufferingTLSTransport`` does with ``write``).
+    shutdown through *watcher*'s ``dataReceived``, ``connectionLost``,
+    ``write``, ``bufferedWrite`` and ``shutdownTLS``, for this connection
+    only.
+
+    *tls* becomes an instance of a subclass of its class (named as it,
+    ``isinstance`` unchanged) that routes them, and carries one attribute
+    of ours, the watcher: five bound methods set on the instance would cost
+    some 400 bytes a connection.  A method an instance attribute already
+    replaced (as ``BufferingTLSTransport`` does with ``write``) is replaced
+    on the instance instead, as is every one of a class whose instances
+    refuse a new ``__class__``.
 
     :returns: the methods replaced, in the same order, each to be called
         with *tls* as its first argument.
     """
-    originals = tuple(_unbound(tls, name) for name in _PATCHED)
-    tls.dataReceived = dataReceived
-    tls.connectionLost = connectionLost
-    tls._write = write
-    tls._bufferedWrite = bufferedWrite
-    tls._shutdownTLS = shutdown
+    cls = type(tls)
+    watched = _watched.get(cls) is cls
+    base = cls.__mro__[1] if watched else cls
+    originals = tuple(_unbound(tls, base, name) for name, _ in _PATCHED)
+    onInstance = [pair for pair in _PATCHED if pair[0] in tls.__dict__]
+    if not watched:
+        try:
+            tls.__class__ = _watchedClass(cls)
+        except TypeError:
+            onInstance = list(_PATCHED)
+    tls._rekeyTLSWatcher = watcher
+    for tlsName, watcherName in onInstance:
+        setattr(tls, tlsName, getattr(watcher, watcherName))
     return originals
 
 
