@@ -19,6 +19,7 @@ lets a Deferred's error go unhandled, and never imports the reactor.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
@@ -141,7 +142,9 @@ def startRotation(
             raise TypeError(
                 f"rotationPolicy must be a RotationPolicy, not {type(policy).__name__}"
             )
-        version = protocol_version(conn)
+        # Interned: each schedule keeps it, and "TLSv1.3" once per process
+        # is enough (56 bytes a connection otherwise).
+        version = sys.intern(protocol_version(conn))
         secure: bool | None = None
         if version != "TLSv1.3":
             try:
@@ -204,7 +207,6 @@ class RotationDriver:
         "_rotator",
         "_scheduler",
         "_stopped",
-        "_timer",
         "schedule",
     )
 
@@ -224,9 +226,6 @@ class RotationDriver:
         self._scheduler = scheduler
         #: The policy's state for this connection.
         self.schedule = schedule
-        # The one bound method filed with the scheduler: equal to itself, so
-        # that it can be rescheduled and cancelled by key.
-        self._timer = self._fired
         self._armed: float | None = None
         # A rotation a write made due, performed once that write returned.
         self._pending: Any = None
@@ -318,12 +317,12 @@ class RotationDriver:
             self._disarm()
         elif deadline != self._armed:
             self._armed = deadline
-            self._scheduler.schedule(self._timer, deadline)
+            self._scheduler.schedule(self, deadline)
 
     def _disarm(self) -> None:
         if self._armed is not None:
             self._armed = None
-            self._scheduler.cancel(self._timer)
+            self._scheduler.cancel(self)
 
     def _fired(self, now: float) -> None:
         self._armed = None
@@ -337,6 +336,10 @@ class RotationDriver:
                 self._perform(action, now)
         except Exception:
             self._crashed()
+
+    # What the scheduler calls: the driver itself is the key it files, and
+    # no bound method per connection is kept for it.
+    __call__ = _fired
 
     # -- actions
 

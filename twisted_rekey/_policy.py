@@ -613,8 +613,8 @@ class RotationSchedule:
         self._total_bytes_received = 0
         self._total_records_received = 0
         # Every KeyUpdate we send, answers included: the rate and run
-        # bounds no policy option can lift.
-        self._sent_updates = KeyUpdateCounter.for_sending()
+        # bounds no policy option can lift.  Made with the first one.
+        self._sent_updates: KeyUpdateCounter | None = None
         self._bytes_at_update = 0
         self._rotations = 0
         self._peer_rotations = 0
@@ -920,10 +920,13 @@ class RotationSchedule:
     # -- internals ----------------------------------------------------------
 
     def _sent_update(self, now: float) -> None:
+        counter = self._sent_updates
+        if counter is None:
+            counter = self._sent_updates = KeyUpdateCounter.for_sending()
         if self._total_bytes != self._bytes_at_update:
             self._bytes_at_update = self._total_bytes
-            self._sent_updates.data()
-        self._sent_updates.add(now)
+            counter.data()
+        counter.add(now)
 
     def _new_peer_key(self) -> None:
         self._peer_bytes = 0
@@ -958,13 +961,14 @@ class RotationSchedule:
 
     def _floor(self) -> float | None:
         floor = max(self._last_rotation + self._policy.min_interval, self._retry_after)
-        if self._method != "key-update":
-            return floor
+        counter = self._sent_updates
+        if self._method != "key-update" or counter is None:
+            return floor  # none of ours sent yet: no bound to reach
         if self._total_bytes != self._bytes_at_update:
             # Data went out since our last KeyUpdate: the run ended.
             self._bytes_at_update = self._total_bytes
-            self._sent_updates.data()
-        allowed = self._sent_updates.next_allowed(floor)
+            counter.data()
+        allowed = counter.next_allowed(floor)
         return None if allowed is None else max(floor, allowed)
 
     def _limit_reason(self, records: int, nbytes: int) -> RotationReason | None:

@@ -54,8 +54,6 @@ class TimerWheel(Generic[K]):
         use ``0.05``.
     :raises TypeError: if *granularity* is not a number.
     :raises ValueError: if *granularity* is not a finite number > 0.
-
-    .. versionadded:: 0.1.0
     """
 
     __slots__ = ("_buckets", "_granularity", "_heap", "_where")
@@ -102,8 +100,6 @@ class TimerWheel(Generic[K]):
         :returns: the time at which *key* will be due: *deadline* rounded up
             to a multiple of :attr:`granularity`.
         :raises ValueError: if *deadline* is not finite.
-
-        .. versionadded:: 0.1.0
         """
         if not math.isfinite(deadline):
             raise ValueError(f"deadline must be finite, not {deadline}")
@@ -133,8 +129,6 @@ class TimerWheel(Generic[K]):
 
         :param key: the key to forget.
         :returns: whether it was scheduled.
-
-        .. versionadded:: 0.1.0
         """
         bucket = self._where.pop(key, None)
         if bucket is None:
@@ -164,8 +158,6 @@ class TimerWheel(Generic[K]):
         :param key: a key.
         :returns: the rounded time at which *key* is due, or ``None`` if it
             is not scheduled.
-
-        .. versionadded:: 0.1.0
         """
         bucket = self._where.get(key)
         return None if bucket is None else bucket.index * self._granularity
@@ -174,8 +166,6 @@ class TimerWheel(Generic[K]):
         """
         :returns: the earliest rounded time at which a key is due, or
             ``None`` when the wheel is empty.
-
-        .. versionadded:: 0.1.0
         """
         heap = self._heap
         buckets = self._buckets
@@ -192,8 +182,6 @@ class TimerWheel(Generic[K]):
 
         :param now: the current time, in seconds.
         :returns: the keys now due, possibly none.
-
-        .. versionadded:: 0.1.0
         """
         due: list[K] = []
         heap = self._heap
