@@ -324,7 +324,7 @@ class _Watcher:
         self.reneg: _Renegotiation | None = None
 
         # Filled by the info callback (inside SSL_read/SSL_do_handshake),
-        # acted on by _process() once the TLS protocol's read has returned.
+        # acted on by process() once the TLS protocol's read has returned.
         self.dirty = False
         self.callbackErrors: tuple[BaseException, ...] = ()
         # From the callback we chain to: logged, never fatal (without us,
