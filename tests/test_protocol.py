@@ -670,6 +670,50 @@ def test_rotation_driver_entry_point(cert_files: Any, events: Events) -> None:
     assert [e["reason"] for e in sent] == ["policy: test", "policy: asked"]
 
 
+def test_sent_key_updates_logged_at_a_bounded_rate(
+    cert_files: Any, events: Events
+) -> None:
+    """
+    Our unrequested KeyUpdates make at most one ``key_update_sent`` event
+    per second and connection: each event counts the ones held back since
+    the last (``updates``), the connection's loss reports the rest, so the
+    events add up to what was sent.  A KeyUpdate whose caller waits for the
+    peer's answer gets an event of its own at once.
+    """
+    pair = Pair(cert_files)
+    client: Any = pair.client
+
+    def burst(count: int) -> None:
+        for _ in range(count):
+            assert _result(client.keyUpdate()) == [None]
+            client.transport.write(b"x")
+        pair.pump.flush()
+
+    burst(4)
+    pair.clock.advance(1.2)
+    burst(4)
+    asked = _result(client.keyUpdate(requestPeer=True))
+    pair.pump.flush()
+    assert asked == [None]
+    sent = events.named("key_update_sent")
+    assert [(e["updates"], e["requested"]) for e in sent] == [
+        (1, False),
+        (4, False),
+        (1, True),
+    ]
+    assert "sent 4 KeyUpdates (update_requested=False)" in sent[1]["log_format"].format(
+        **sent[1]
+    )
+    client.transport.loseConnection()
+    pair.pump.flush()
+    sent = events.named("key_update_sent")
+    assert [e["updates"] for e in sent] == [1, 4, 1, 3]
+    assert sent[-1]["reason"] == "application"
+    assert sum(e["updates"] for e in sent) == client.rekeyStats.keyUpdatesSent == 9
+    assert pair.server.rekeyStats.keyUpdatesReceived == 9
+    assert pair.server.received == b"x" * 8
+
+
 def test_key_update_type_settles(cert_files: Any) -> None:
     pair = Pair(cert_files)
     pair.client.keyUpdate(requestPeer=True)

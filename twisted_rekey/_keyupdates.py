@@ -76,6 +76,7 @@ class _KeyUpdates:
         "floodReason",
         "heldUpdates",
         "inbound",
+        "lastReason",
         "lastRequested",
         "outbound",
         "peerUpdates",
@@ -86,6 +87,7 @@ class _KeyUpdates:
         "requested",
         "requestsUnlogged",
         "sent",
+        "sentLog",
         "watcher",
     )
 
@@ -126,6 +128,10 @@ class _KeyUpdates:
         self.floodReason: str | None = None
         self.receivedLog = _Throttle()
         self.answeredLog = _Throttle()
+        # Our unrequested KeyUpdates: one event per LOG_INTERVAL, which
+        # counts the ones between and names the last one's reason.
+        self.sentLog = _Throttle()
+        self.lastReason = ""
         self.requestsUnlogged = 0
         self.lastRequested = False
 
@@ -295,12 +301,34 @@ class _KeyUpdates:
             answers=held,
         )
 
+    def logSent(
+        self, requested: bool, waitingForPeer: bool, reason: str, updates: int
+    ) -> None:
+        if updates == 1:
+            format = "sent a KeyUpdate (update_requested={requested}, reason: {reason})"
+        else:
+            format = (
+                "sent {updates} KeyUpdates (update_requested={requested}) since "
+                "the last such event, the last one's reason: {reason}"
+            )
+        self.watcher.log.info(
+            format,
+            rekey_event="key_update_sent",
+            requested=requested,
+            waitingForPeer=waitingForPeer,
+            reason=reason,
+            updates=updates,
+        )
+
     def logHeld(self) -> None:
         """What the throttled events held back, so that the log adds up."""
         if self.receivedLog.held:
             self.logReceived(self.received)
         if self.answeredLog.held:
             self.logAnswered()
+        held, self.sentLog.held = self.sentLog.held, 0
+        if held:
+            self.logSent(False, False, self.lastReason, held)
 
     def lost(self, message: str, reason: Failure) -> None:
         """The connection is gone: fail every caller still waiting."""
@@ -455,10 +483,15 @@ class _KeyUpdates:
             # A new key the policy did not ask for (the application's own
             # keyUpdate()): its counters start again from here.
             watcher.rotation.keyUpdateSent(request)
-        watcher.log.info(
-            "sent a KeyUpdate (update_requested={requested}, reason: {reason})",
-            rekey_event="key_update_sent",
-            requested=request,
-            waitingForPeer=requestPeer,
-            reason=reason,
-        )
+        if requestPeer:
+            # A caller waits for the peer's answer: its own event, at once
+            # (requests are few, one outstanding at a time).
+            self.logSent(request, True, reason, 1)
+            return
+        # Timed rotations at bulk rates would otherwise cost an event each
+        # (a third of the library's time per KeyUpdate, measured).
+        self.lastReason = reason
+        sentLog = self.sentLog
+        if sentLog.due(watcher.clock.seconds()):
+            held, sentLog.held = sentLog.held, 0
+            self.logSent(False, False, reason, held)
