@@ -76,32 +76,30 @@ def test_quick_run_prints_every_figure(tmp_path: Path) -> None:
     assert sorted(f["name"] for f in kept["figures"]) == sorted(FIGURES)
 
 
-def test_memory_benchmark_runs() -> None:
-    """
-    ``python -m benchmarks.memory`` runs every mode in its own interpreter
-    and prints one row each; its figures are not checked here.
-    """
+def _memory(connections: int) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--connections", "5"],
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", "--connections", str(connections)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
         env={**env, "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_memory_benchmark_runs() -> None:
+    """
+    ``python -m benchmarks.memory`` runs every mode in its own interpreter
+    and prints one row each; its figures are not checked here.  A bad
+    argument is a usage error.
+    """
+    out = _memory(5)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[0].startswith("plain Twisted TLS: ")
     assert [line.split(":")[0] for line in lines[1:]] == ["mixin", "policy"]
     for line in lines[1:]:
         assert re.search(r": [+-][\d,]+ B per connection beyond plain \(samples ", line)
-    bad = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--connections", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**env, "PYTHONPATH": str(ROOT)},
-    )
+    bad = _memory(0)
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
