@@ -485,7 +485,8 @@ class _KeyUpdates:
             watcher.rotation.keyUpdateSent(request)
         if requestPeer:
             # A caller waits for the peer's answer: its own event, at once
-            # (requests are few, one outstanding at a time).
+            # (such calls are few: at most MAX_WAITERS wait together, and
+            # the sending rate bounds them too).
             self.logSent(request, True, reason, 1)
             return
         # Timed rotations at bulk rates would otherwise cost an event each
