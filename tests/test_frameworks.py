@@ -170,6 +170,25 @@ def curlArgs(cert_files: Any, *args: str) -> list[str]:
     ]
 
 
+async def curlFetch(
+    cert_files: Any, factory: Any, saved: Path, *args: str
+) -> tuple[str, int]:
+    """
+    Serve *factory* over TLS on loopback and fetch ``/`` into *saved* with
+    curl and *args*: curl's verbose log and exit code.
+    """
+    curl = require_tool("curl")
+    port = await serverEndpoint(cert_files).listen(factory)
+    try:
+        url = f"https://127.0.0.1:{port.getHost().port}/"
+        _, err, code = await run(
+            curl, *curlArgs(cert_files, *args, "-o", str(saved), url)
+        )
+    finally:
+        await port.stopListening()
+    return err, code
+
+
 def rotationsOf(site: RecordingSite) -> list[Any]:
     return [rekeyableFor(p).rekeyStats for p in site.built]  # type: ignore[union-attr]
 
@@ -189,16 +208,11 @@ async def closed(site: RecordingSite) -> None:
 async def test_site_with_curl(
     cert_files: Any, tmp_path: Path, version: tuple[str, ...], using: str
 ) -> None:
-    curl = require_tool("curl")
-    site, port = await listenSite(cert_files, fast())
+    site = RecordingSite(Streamed())
     saved = tmp_path / "body"
-    try:
-        url = f"https://127.0.0.1:{port.getHost().port}/"
-        _, err, code = await run(
-            curl, *curlArgs(cert_files, *version, "-o", str(saved), url)
-        )
-    finally:
-        await port.stopListening()
+    err, code = await curlFetch(
+        cert_files, RotatingFactory(site, fast()), saved, *version
+    )
     assert code == 0, err
     # curl offered ALPN (its default), and the wrapped Site answered it:
     # with h2 (Site's first choice) unless curl was told HTTP/1.1.
@@ -257,16 +271,11 @@ async def test_site_renegotiates_under_curl_on_tls12(
     ClientHello: curl follows every renegotiation and reads the whole body
     in order.
     """
-    curl = require_tool("curl")
     site = RecordingSite(Renegotiating())
-    port = await serverEndpoint(cert_files).listen(RotatingFactory(site, None))
     saved = tmp_path / "body"
-    try:
-        url = f"https://127.0.0.1:{port.getHost().port}/"
-        args = ("--http1.1", "--tls-max", "1.2", "-o", str(saved), url)
-        _, err, code = await run(curl, *curlArgs(cert_files, *args))
-    finally:
-        await port.stopListening()
+    err, code = await curlFetch(
+        cert_files, RotatingFactory(site, None), saved, "--http1.1", "--tls-max", "1.2"
+    )
     assert code == 0, err
     assert re.search(r"SSL connection using TLSv1\.2", err), err
     assert saved.read_bytes() == body()
@@ -291,18 +300,13 @@ async def test_site_never_renegotiates_http2_on_tls12(
     a HelloRequest: the policy stays off and says why, the call fails with
     RenegotiationForbidden, and curl reads the whole body.
     """
-    curl = require_tool("curl")
     resource = Renegotiating() if not policy else Streamed()
     site = RecordingSite(resource)
     factory = RotatingFactory(site, fast() if policy else None)
-    port = await serverEndpoint(cert_files).listen(factory)
     saved = tmp_path / "body"
-    try:
-        url = f"https://127.0.0.1:{port.getHost().port}/"
-        args = ("--http2", "--tls-max", "1.2", "-o", str(saved), url)
-        _, err, code = await run(curl, *curlArgs(cert_files, *args))
-    finally:
-        await port.stopListening()
+    err, code = await curlFetch(
+        cert_files, factory, saved, "--http2", "--tls-max", "1.2"
+    )
     assert code == 0, err
     assert re.search(r"SSL connection using TLSv1\.2", err), err
     assert re.search(r"using HTTP/2", err), err
