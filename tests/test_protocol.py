@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, protocol, task
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -351,6 +352,8 @@ def test_waiting_deferred_fails_on_connection_loss(cert_files: Any) -> None:
     pair.client.transport.abortConnection()  # type: ignore[union-attr]
     pair.pump.flush()
     assert len(done) == 1 and done[0].check(PeerRefused)
+    # Caused by the loss itself, which the application can inspect.
+    assert isinstance(done[0].value.__cause__, ConnectionClosed)
     assert not pair.clock.getDelayedCalls()
     [failure] = _result(pair.client.keyUpdate())
     assert failure.check(ConnectionStateError)

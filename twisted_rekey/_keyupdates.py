@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from ._connection import KeyUpdateType, get_key_update_type, key_update
 from ._policy import KeyUpdateCounter
-from ._waiter import MAX_WAITERS, _Waiter
+from ._waiter import MAX_WAITERS, _Waiter, failAll
 from .exceptions import (
     AlreadyInProgress,
     ConnectionStateError,
@@ -333,10 +333,7 @@ class _KeyUpdates:
     def lost(self, message: str, reason: Failure) -> None:
         """The connection is gone: fail every caller still waiting."""
         waiters, self.peerWaiters = self.peerWaiters, ()
-        for waiter in list(waiters):
-            error = PeerRefused(message)
-            error.__cause__ = reason.value
-            waiter.fail(error)
+        failAll(waiters, message, reason.value)
         held, self.heldUpdates = self.heldUpdates, ()
         for call, deferred in held:
             if call.active():

@@ -58,9 +58,9 @@ from ._twistedtls import (
     shutdownTLS,
     tlsConnection,
 )
+from ._waiter import failAll
 from .exceptions import (
     ConnectionStateError,
-    PeerRefused,
     RekeyError,
 )
 
@@ -382,9 +382,7 @@ class _Watcher:
         if where & _CB_LOOP:
             state = _string(_stateStringLong(ssl))
             if state.endswith(b"key update"):
-                updates = self.updates
-                if updates is None:
-                    updates = self.updates = _KeyUpdates(self)
+                updates = self.keyUpdates()
                 if b" read " in state:
                     updates.read()
                 elif b" write " in state:
@@ -557,10 +555,7 @@ class _Watcher:
             updates.lost(message, reason)
         if reneg is not None:
             waiters, reneg.waiters = reneg.waiters, ()
-            for waiter in list(waiters):
-                error = PeerRefused(message)
-                error.__cause__ = reason.value
-                waiter.fail(error)
+            failAll(waiters, message, reason.value)
 
     # -- after the read: act on what the callback recorded
 

@@ -6,11 +6,12 @@ the callers of ``keyUpdate(requestPeer=True)`` and ``renegotiate()``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from .exceptions import RekeyTimeout
+from .exceptions import PeerRefused, RekeyTimeout
 
 __all__ = ["MAX_WAITERS"]
 
@@ -69,3 +70,16 @@ class _Waiter:
     def fail(self, error: Exception) -> None:
         self.stop()
         self.deferred.errback(error)
+
+
+def failAll(
+    waiters: Sequence[_Waiter], message: str, cause: BaseException | None
+) -> None:
+    """
+    The connection is gone: fail each of *waiters* with
+    ``PeerRefused(message)``, caused by *cause*.
+    """
+    for waiter in list(waiters):
+        error = PeerRefused(message)
+        error.__cause__ = cause
+        waiter.fail(error)
