@@ -450,7 +450,7 @@ def test_tls12_without_secure_renegotiation_left_alone(
     # OpenSSL always offers RFC 5746 and has no switch to stop it, so a peer
     # without it is simulated: the driver is told the peer lacks it.
     monkeypatch.setattr(
-        "twisted_rekey._driver.secure_renegotiation_support", lambda conn: False
+        "twisted_rekey._connection.secure_renegotiation_support", lambda conn: False
     )
     clock = task.Clock()
     one = link(cert_files, clock, RotationPolicy(interval=5, jitter=0), "1.2", "server")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Union
 
@@ -542,6 +543,36 @@ def allow_client_renegotiation(target: SSL.Context | SSL.Connection) -> None:
         )
 
 
+def start_schedule(
+    policy: RotationPolicy, conn: SSL.Connection, now: float
+) -> RotationSchedule:
+    """
+    *policy*'s schedule for *conn*, whose handshake has completed: what the
+    policy needs to know of the connection, read once (for TLS 1.2 and
+    older also its peer's secure renegotiation support and the ALPN
+    protocol, which decide whether it may renegotiate).
+    """
+    # Interned: each schedule keeps it, and "TLSv1.3" once per process is
+    # enough (56 bytes a connection otherwise).
+    version = sys.intern(protocol_version(conn))
+    secure: bool | None = None
+    alpn: bytes | None = None
+    if version != "TLSv1.3":
+        try:
+            secure = secure_renegotiation_support(conn)
+        except FunctionUnavailable:
+            secure = None  # unknown: the policy then leaves TLS 1.2 alone
+        alpn = application_protocol(conn)
+    cipher = conn.get_cipher_name()
+    return policy.start(
+        now,
+        protocol=version,
+        cipher=None if cipher is None else str(cipher),
+        secure_renegotiation=secure,
+        application_protocol=alpn,
+    )
+
+
 def forbid_renegotiation(conn: SSL.Connection) -> str | None:
     """
     Where the application protocol *conn* negotiated forbids renegotiation
@@ -885,20 +916,7 @@ class RekeyConnection(RekeyConnectionMixin, SSL.Connection):
         assert self._rekey_policy is not None
         if not handshake_complete(self):
             return None
-        secure: bool | None = None
-        if not _is_tls13(self):
-            try:
-                secure = secure_renegotiation_support(self)
-            except FunctionUnavailable:
-                secure = None  # unknown: the policy then leaves TLS 1.2 alone
-        cipher = self.get_cipher_name()
-        schedule = self._rekey_policy.start(
-            now,
-            protocol=protocol_version(self),
-            cipher=None if cipher is None else str(cipher),
-            secure_renegotiation=secure,
-            application_protocol=application_protocol(self),
-        )
+        schedule = start_schedule(self._rekey_policy, self, now)
         self._rekey_schedule = schedule
         is_server = _is_server(self)
         refusal = client_renegotiation_refusal(

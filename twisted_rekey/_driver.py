@@ -19,17 +19,12 @@ lets a Deferred's error go unhandled, and never imports the reactor.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._connection import (
-    application_protocol,
-    protocol_version,
-    secure_renegotiation_support,
-)
+from ._connection import start_schedule
 from ._policy import (
     RotationAction,
     RotationPolicy,
@@ -142,23 +137,7 @@ def startRotation(
             raise TypeError(
                 f"rotationPolicy must be a RotationPolicy, not {type(policy).__name__}"
             )
-        # Interned: each schedule keeps it, and "TLSv1.3" once per process
-        # is enough (56 bytes a connection otherwise).
-        version = sys.intern(protocol_version(conn))
-        secure: bool | None = None
-        if version != "TLSv1.3":
-            try:
-                secure = secure_renegotiation_support(conn)
-            except FunctionUnavailable:
-                secure = None  # unknown: the policy then leaves TLS 1.2 alone
-        cipher = conn.get_cipher_name()
-        schedule = policy.start(
-            clock.seconds(),
-            protocol=version,
-            cipher=None if cipher is None else str(cipher),
-            secure_renegotiation=secure,
-            application_protocol=application_protocol(conn),
-        )
+        schedule = start_schedule(policy, conn, clock.seconds())
         scheduler = schedulerFor(clock, granularity or granularityFor(policy))
         driver = RotationDriver(rotator, clock, scheduler, schedule, log)
         reason = schedule.disabled_reason
