@@ -36,6 +36,7 @@ from peers import (
     PeerProcess,
 )
 from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -229,6 +230,30 @@ async def test_s_server_sees_our_key_update(cert_files: CertFiles, how: str) -> 
             assert server.key_updates_received() == [False]
             assert us.rekeyStats.keyUpdatesSent == 1
             assert us.updates == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_unanswered_when_s_server_goes_fails_with_the_loss(
+    cert_files: CertFiles,
+) -> None:
+    """
+    s_server read our update_requested and owes the answer (it writes only
+    when given a line); it goes away instead.  The caller's Deferred fails
+    with PeerRefused, caused by the connection's loss, and nothing is left
+    waiting.
+    """
+    with OpenSSLServer(cert_files, version="1.3") as server:
+        async with _ourClient(server, cert_files) as us:
+            done = us.keyUpdate(requestPeer=True, timeout=TIMEOUT)
+            assert await _flag(server, OPENSSL_KEY_UPDATE_RECEIVED) is True
+            assert not done.called
+            server.stop()
+            with pytest.raises(PeerRefused, match="lost before the rekey") as raised:
+                await _within(done)
+            assert isinstance(raised.value.__cause__, ConnectionClosed)
+            await _within(us.lostDeferred)
+            assert us.updates == []
+            assert us.rekeyStats.keyUpdatesRequested == 1
 
 
 @pytest_twisted.ensureDeferred
